@@ -1,0 +1,33 @@
+# Two commands set up a fresh machine: `make run` (the tiny falsity sweep) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+export DS_ACCELERATOR := cpu
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE := offline
+
+.PHONY: run test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU torch first: a bare `torch` requirement would pull the CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/python -m jobs.falsity_sweep --config configs/falsity_sweep/tiny.yaml
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m benchmarks.bench_learner
+
+clean:
+	rm -rf runs .pytest_cache

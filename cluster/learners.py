@@ -1,0 +1,336 @@
+"""Learners: Ray Train V2 runs whose workers train with TRL (SFT or DPO) under DeepSpeed.
+
+A learner run is a list of *phases* trained one after another on the same weights (pretraining,
+then SFT, then recovery SFT, say). Each phase is a TRL trainer built on every worker with a
+DeepSpeed config derived from the preset (ZeRO stage, bf16, offload); on CPU the same code runs
+over gloo. Checkpoints go through `ray.train.report`:
+
+- during a phase, every HF save is reported (weights, optimizer and DeepSpeed shards, one
+  directory merged across ranks), tagged with the phase;
+- at the end of a phase, the gathered HF model is reported with that phase's evaluation metrics.
+
+A restarted worker group (`FailureConfig(max_failures=...)`) reads the last checkpoint, skips
+finished phases and resumes the current one from its last save, so nothing but the steps since
+that save is lost. The final report always carries a checkpoint, so `Result.metrics` is filled in
+distributed runs too (see STACK.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pydantic import Field, model_validator
+from transformers import TrainerCallback
+
+from cluster.config import Options
+from cluster.tracking import TrackingOptions
+
+META = "learner_state.json"
+MODEL_DIR = "model"
+HF_DIR = "hf_checkpoint"
+
+
+class LearnerOptions(Options):
+    """How one learner phase trains: optimisation, scale and DeepSpeed."""
+
+    learning_rate: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    epochs: float = Field(1.0, gt=0, description="passes over the phase's data (ignored when max_steps > 0)")
+    max_steps: int = Field(-1, description="optimizer steps; -1: use epochs")
+    batch_size: int = Field(16, gt=0, description="examples per device per micro-step")
+    grad_accum: int = Field(1, gt=0, description="micro-steps per optimizer step")
+    max_length: int = Field(128, gt=0, description="tokens per example (longer ones are truncated)")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "warmup_stable_decay"] = Field(
+        "constant_with_warmup", description="learning-rate schedule (transformers names)")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    save_steps: int = Field(50, gt=0, description="checkpoint (reported to Ray) every this many steps")
+    logging_steps: int = Field(10, gt=0, description="log loss every this many steps")
+    gradient_checkpointing: bool = Field(False, description="recompute activations to save memory (GPU presets)")
+    dpo_beta: float = Field(0.1, gt=0, description="DPO temperature beta (DPO phases only)")
+
+
+class ScaleOptions(Options):
+    """Workers per learner run and the DeepSpeed setup they share."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one process each)")
+    use_gpu: bool = Field(False, description="one GPU per worker; false: CPU with gloo")
+    cpus_per_worker: float = Field(1, gt=0, description="logical CPUs each worker reserves")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage; 0 runs without DeepSpeed")
+    bf16: bool = Field(False, description="bf16 mixed precision (GPU presets)")
+    offload: bool = Field(False, description="ZeRO-Offload optimizer (and stage-3 params) to CPU")
+    max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint before giving up")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        if self.offload and self.zero_stage == 0:
+            raise ValueError("offload needs zero_stage 1, 2 or 3")
+        return self
+
+
+@dataclass
+class Phase:
+    """One stage of a learner run: a dataset on disk and how to train on it."""
+
+    name: str
+    data_dir: str  # datasets.save_to_disk output: columns `text`, or `prompt`+`completion` (SFT), or DPO's
+    options: LearnerOptions
+    kind: Literal["sft", "dpo"] = "sft"
+    ref_model_dir: str | None = None  # DPO reference (frozen); defaults to the phase's starting weights
+
+
+@dataclass
+class LearnerRun:
+    """Everything a worker needs; shipped to the workers by Ray (must pickle)."""
+
+    name: str
+    model_dir: str
+    tokenizer_dir: str
+    phases: list[Phase]
+    scale: ScaleOptions
+    seed: int = 0
+    # Called on rank 0 after each phase with (saved model dir, phase name); returns metrics.
+    evaluate: Callable[[str, str], dict[str, float]] | None = None
+    tracking: TrackingOptions | None = None
+    tracking_group: str | None = None
+    tracking_config: dict[str, Any] = field(default_factory=dict)
+    trust_remote_code: bool = False
+
+
+def deepspeed_config(scale: ScaleOptions, opts: LearnerOptions) -> dict | None:
+    """DeepSpeed config for HF/TRL trainers; None without DeepSpeed.
+
+    No `optimizer` block unless offloading: the trainer then hands DeepSpeed a torch AdamW, which
+    avoids JIT-building fused_adam (see STACK.md). ZeRO-Offload needs DeepSpeed's CPU Adam.
+    """
+    if scale.zero_stage == 0:
+        return None
+    zero: dict[str, Any] = {"stage": scale.zero_stage, "overlap_comm": scale.use_gpu}
+    if scale.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg: dict[str, Any] = {
+        "zero_optimization": zero,
+        "bf16": {"enabled": scale.bf16},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if scale.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if scale.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+    return cfg
+
+
+def _prepare_process(scale: ScaleOptions) -> None:
+    """Per-process setup DeepSpeed needs before it initialises (workers don't run conftest)."""
+    if not scale.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if scale.zero_stage:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 35 s JIT build
+
+
+def _trainer_args(run: LearnerRun, phase: Phase, out_dir: str):
+    from trl import DPOConfig, SFTConfig
+
+    o, s = phase.options, run.scale
+    common = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=o.batch_size,
+        gradient_accumulation_steps=o.grad_accum,
+        learning_rate=o.learning_rate,
+        num_train_epochs=o.epochs,
+        max_steps=o.max_steps,
+        lr_scheduler_type=o.lr_scheduler,
+        warmup_steps=o.warmup_steps,
+        weight_decay=o.weight_decay,
+        logging_steps=o.logging_steps,
+        save_strategy="steps",
+        save_steps=o.save_steps,
+        save_total_limit=1,
+        report_to="none",
+        bf16=s.bf16,
+        use_cpu=not s.use_gpu,
+        seed=run.seed,
+        data_seed=run.seed,
+        deepspeed=deepspeed_config(s, o),
+        gradient_checkpointing=o.gradient_checkpointing,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        max_length=o.max_length,
+        ddp_backend=None if s.use_gpu else "gloo",
+        ddp_find_unused_parameters=False,
+    )
+    if phase.kind == "dpo":
+        return DPOConfig(**common, beta=o.dpo_beta)
+    return SFTConfig(**common, packing=False, completion_only_loss=None, dataset_text_field="text")
+
+
+class _Progress(TrainerCallback):
+    """A compact progress line on rank 0, and every HF save reported to Ray with its phase."""
+
+    def __init__(self, run_name: str, phase_index: int, phase: str, rank: int):
+        self.run_name, self.phase_index, self.phase, self.rank = run_name, phase_index, phase, rank
+        self.t0 = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.rank == 0 and logs and "loss" in logs:
+            rate = state.global_step / max(time.time() - self.t0, 1e-9)
+            print(f"[{self.run_name}:{self.phase}] step {state.global_step}/{state.max_steps} "
+                  f"loss {logs['loss']:.4f} ({rate:.1f} steps/s)", flush=True)
+
+    def on_save(self, args, state, control, **kw):
+        import ray.train
+        from transformers.trainer_utils import get_last_checkpoint
+
+        src = get_last_checkpoint(args.output_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(src, Path(tmp, HF_DIR))
+            Path(tmp, META).write_text(json.dumps({"phase": self.phase_index, "done": False}))
+            loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), float("nan"))
+            ray.train.report({"phase": self.phase_index, "step": state.global_step, "loss": loss},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _read_meta(ckpt) -> tuple[dict, str | None]:
+    """(meta, local dir) of the last reported checkpoint; the dir stays until the process ends."""
+    if ckpt is None:
+        return {"phase": 0, "done": False, "metrics": {}}, None
+    local = tempfile.mkdtemp(prefix="datalab-resume-")
+    ckpt.to_directory(local)
+    return json.loads(Path(local, META).read_text()), local
+
+
+def train_worker(config: dict) -> None:
+    """The Ray Train loop: run every unfinished phase in order; resume from the last checkpoint."""
+    import ray.train
+
+    run: LearnerRun = config["run"]
+
+    _prepare_process(run.scale)
+    import datasets
+    from datasets import load_from_disk
+
+    datasets.disable_caching()  # TRL's maps must not write cache files into the stage directories
+
+    from cluster.models import load_model, load_tokenizer
+    from cluster.tracking import WandbTrainerCallback, finish_run, start_run
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    meta, resume_dir = _read_meta(ray.train.get_checkpoint())
+    metrics: dict[str, float] = dict(meta.get("metrics", {}))
+    model_dir = run.model_dir
+    if resume_dir and (meta["done"] or meta["phase"] > 0) and Path(resume_dir, MODEL_DIR).is_dir():
+        model_dir = str(Path(resume_dir, MODEL_DIR))
+    tokenizer = load_tokenizer(run.tokenizer_dir, run.trust_remote_code)
+    work = Path(tempfile.gettempdir(), "datalab-train", run.name)
+    first = meta["phase"] + (1 if meta["done"] else 0)
+
+    for i, phase in enumerate(run.phases):
+        if i < first:
+            continue
+        hf_resume = None
+        if resume_dir and not meta["done"] and meta["phase"] == i and Path(resume_dir, HF_DIR).is_dir():
+            hf_resume = str(Path(resume_dir, HF_DIR))
+            print(f"[{run.name}:{phase.name}] rank {rank} resuming from {hf_resume}", flush=True)
+        out_dir = str(work / phase.name)
+        tracker = None
+        if run.tracking is not None:
+            tracker = start_run(run.tracking, run_id=f"{run.name}-{phase.name}", name=f"{run.name}/{phase.name}",
+                                group=run.tracking_group, job_type=phase.name,
+                                config={**run.tracking_config, "phase": phase.name, **phase.options.model_dump()},
+                                dir=run.tracking.dir)
+        callbacks = [_Progress(run.name, i, phase.name, rank), WandbTrainerCallback(tracker)]
+        args = _trainer_args(run, phase, out_dir)
+        model = load_model(model_dir, trust_remote_code=run.trust_remote_code)
+        data = load_from_disk(phase.data_dir)
+        if phase.kind == "sft":
+            from trl import SFTTrainer
+
+            trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                 callbacks=callbacks)
+        else:
+            trainer = _dpo_trainer(run, phase, model, model_dir, args, data, tokenizer, callbacks)
+        trainer.train(resume_from_checkpoint=hf_resume)
+        final = work / f"{phase.name}-final"
+        trainer.save_model(str(final))  # gathers ZeRO-3 shards on rank 0
+        if rank == 0:
+            tokenizer.save_pretrained(str(final))
+            if run.evaluate is not None:
+                phase_metrics = run.evaluate(str(final), phase.name)
+                metrics.update({f"{phase.name}/{k}": float(v) for k, v in phase_metrics.items()})
+            metrics[f"{phase.name}/train_loss"] = float(
+                next((h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h), float("nan")))
+            if tracker is not None:
+                tracker.log({k: v for k, v in metrics.items() if k.startswith(phase.name + "/")})
+        finish_run(tracker)
+        del trainer, model
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                shutil.copytree(final, Path(tmp, MODEL_DIR))
+                Path(tmp, META).write_text(json.dumps({"phase": i, "done": True, "metrics": metrics}))
+            ray.train.report({**metrics, "phase": i, "done": True},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        model_dir = str(final)
+    if first >= len(run.phases) and rank == 0:
+        # Everything was already done before this restart: report the final state once more.
+        ray.train.report({**metrics, "phase": len(run.phases) - 1, "done": True},
+                         checkpoint=ray.train.get_checkpoint())
+
+
+def _dpo_trainer(run, phase, model, model_dir, args, data, tokenizer, callbacks):
+    """TRL DPO against an explicit frozen reference (TRL cannot rebuild one for a config-built model)."""
+    from trl import DPOTrainer
+
+    from cluster.models import load_model
+
+    ref = load_model(phase.ref_model_dir or model_dir, trust_remote_code=run.trust_remote_code)
+    return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer,
+                      callbacks=callbacks)
+
+
+def fit(run: LearnerRun, storage_path: str, *, in_tune: bool = False):
+    """Run a learner as a Ray Train V2 `TorchTrainer`; returns `(metrics, final model checkpoint)`.
+
+    Call inside a Tune trial with `in_tune=True` so the run's reports reach Tune.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    callbacks = []
+    if in_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"run": run},
+        torch_config=TorchConfig(backend="nccl" if run.scale.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=run.scale.num_workers,
+            use_gpu=run.scale.use_gpu,
+            resources_per_worker={"CPU": run.scale.cpus_per_worker, **({"GPU": 1} if run.scale.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run.name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=run.scale.max_failures, controller_failure_limit=0),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+    result = trainer.fit()
+    return result.metrics, result.checkpoint

@@ -1,0 +1,151 @@
+"""Start or join Ray, and the run directory every job writes to.
+
+Locally, Ray is started on loopback (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` binds 127.0.0.1) with
+more *logical* CPUs than cores: a Tune trial's driver holds a CPU while its Train workers hold
+others, and with logical CPUs == cores concurrent trials deadlock (STACK.md). Under
+`ray job submit` (RAY_ADDRESS set) or with `ray.address` in the preset, the job joins that cluster.
+
+Run directory: `<storage>/<job>/<run_id>/<stage>/`. A stage is built in a temporary directory and
+renamed into place with a manifest holding its config hash, so a re-run skips finished stages, and
+redoes a stage whose config changed. Local paths and fsspec URIs (s3://, gs://) both work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from pydantic import Field
+
+from cluster.config import Options, UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = "_stage.json"
+
+# Environment every Ray worker gets: quiet, offline-safe, no JIT builds on CPU.
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",
+    "WANDB_SILENT": "true",
+}
+
+
+class RayOptions(Options):
+    """Where the job runs."""
+
+    address: str | None = Field(None, description="Ray cluster to join ('auto', ray://...); null: start a local Ray unless RAY_ADDRESS is set")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (null: max(4, 2 x cores))")
+    offline_hub: bool = Field(True, description="set HF_HUB_OFFLINE=1 on every worker (tiny presets need no hub)")
+
+
+def init_ray(opts: RayOptions, storage: str) -> None:
+    """Start a local Ray on loopback, or join the configured cluster; idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = dict(WORKER_ENV)
+    if opts.offline_hub:
+        env["HF_HUB_OFFLINE"] = "1"
+    if os.environ.get("DS_ACCELERATOR"):
+        env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    address = opts.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": env}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind 127.0.0.1 only
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(
+        num_cpus=opts.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
+        include_dashboard=False,
+        runtime_env={"env_vars": env},
+        _temp_dir=os.environ.get("DATALAB_RAY_TMP"),
+        log_to_driver=True,
+    )
+
+
+def cluster_resources() -> dict[str, float]:
+    import ray
+
+    return ray.cluster_resources()
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def absolute(storage: str) -> str:
+    """Ray Train wants absolute local paths or URIs."""
+    return storage if is_remote(storage) else str(Path(storage).expanduser().resolve())
+
+
+def run_uri(storage: str, job: str, run_id: str) -> str:
+    return f"{absolute(storage).rstrip('/')}/{job}/{run_id}"
+
+
+class RunDir:
+    """`<storage>/<job>/<run_id>`: stages written whole or not at all."""
+
+    def __init__(self, storage: str, job: str, run_id: str):
+        import fsspec
+
+        self.uri = run_uri(storage, job, run_id)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        except ImportError as exc:  # e.g. s3:// without s3fs installed
+            raise UserError(f"storage {storage}: {exc}") from None
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def path(self, stage: str) -> str:
+        return f"{self.root}/{stage}"
+
+    def done(self, stage: str, config_hash: str) -> bool:
+        manifest = f"{self.path(stage)}/{MANIFEST}"
+        if not self.fs.exists(manifest):
+            return False
+        return json.loads(self.fs.cat_file(manifest)).get("config_hash") == config_hash
+
+    @contextlib.contextmanager
+    def write(self, stage: str, config_hash: str) -> Iterator[str]:
+        """Yield a local temporary directory; on success it becomes the stage, manifest last."""
+        tmp = tempfile.mkdtemp(prefix=f"datalab-{stage}-")
+        try:
+            yield tmp
+            Path(tmp, MANIFEST).write_text(json.dumps({"stage": stage, "config_hash": config_hash, "completed_at": time.time()}))
+            final, staging = self.path(stage), f"{self.path(stage)}.tmp-{os.getpid()}"
+            if self.fs.exists(final):
+                self.fs.rm(final, recursive=True)
+            if is_remote(self.uri):
+                self.fs.put(tmp, staging, recursive=True)
+                self.fs.mv(staging, final, recursive=True)
+            else:
+                shutil.move(tmp, staging)
+                os.replace(staging, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def local(self, stage: str) -> str:
+        """A local path to a finished stage (downloaded once when storage is remote)."""
+        if not is_remote(self.uri):
+            return self.path(stage)
+        cache = Path(tempfile.gettempdir(), "datalab-cache", self.root.replace("/", "_"), stage)
+        if not cache.exists():
+            self.fs.get(self.path(stage), str(cache), recursive=True)
+        return str(cache)
+
+    def write_file(self, name: str, data: bytes) -> None:
+        with self.fs.open(f"{self.root}/{name}", "wb") as f:
+            f.write(data)
