@@ -137,9 +137,13 @@ def _prepare_process(scale: ScaleOptions) -> None:
     if not scale.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if scale.zero_stage:
+        import deepspeed
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 35 s JIT build
+        # ZeRO-3 partitions weights inside from_pretrained (zero.Init): DeepSpeed's comm must
+        # already know the world size, or it asserts on the batch size (STACK.md).
+        deepspeed.init_distributed(dist_backend="nccl" if scale.use_gpu else "gloo")
 
 
 def _trainer_args(run: LearnerRun, phase: Phase, out_dir: str):
@@ -181,8 +185,9 @@ def _trainer_args(run: LearnerRun, phase: Phase, out_dir: str):
 class _Progress(TrainerCallback):
     """A compact progress line on rank 0, and every HF save reported to Ray with its phase."""
 
-    def __init__(self, run_name: str, phase_index: int, phase: str, rank: int):
+    def __init__(self, run_name: str, phase_index: int, phase: str, rank: int, metrics: dict):
         self.run_name, self.phase_index, self.phase, self.rank = run_name, phase_index, phase, rank
+        self.metrics = metrics  # earlier phases' results travel in every checkpoint
         self.t0 = time.time()
 
     def on_log(self, args, state, control, logs=None, **kw):
@@ -198,7 +203,7 @@ class _Progress(TrainerCallback):
         src = get_last_checkpoint(args.output_dir)
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copytree(src, Path(tmp, HF_DIR))
-            Path(tmp, META).write_text(json.dumps({"phase": self.phase_index, "done": False}))
+            Path(tmp, META).write_text(json.dumps({"phase": self.phase_index, "phase_done": False, "metrics": self.metrics}))
             loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), float("nan"))
             ray.train.report({"phase": self.phase_index, "step": state.global_step, "loss": loss},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -207,7 +212,7 @@ class _Progress(TrainerCallback):
 def _read_meta(ckpt) -> tuple[dict, str | None]:
     """(meta, local dir) of the last reported checkpoint; the dir stays until the process ends."""
     if ckpt is None:
-        return {"phase": 0, "done": False, "metrics": {}}, None
+        return {"phase": 0, "phase_done": False, "metrics": {}}, None
     local = tempfile.mkdtemp(prefix="datalab-resume-")
     ckpt.to_directory(local)
     return json.loads(Path(local, META).read_text()), local
@@ -233,17 +238,17 @@ def train_worker(config: dict) -> None:
     meta, resume_dir = _read_meta(ray.train.get_checkpoint())
     metrics: dict[str, float] = dict(meta.get("metrics", {}))
     model_dir = run.model_dir
-    if resume_dir and (meta["done"] or meta["phase"] > 0) and Path(resume_dir, MODEL_DIR).is_dir():
+    if resume_dir and (meta["phase_done"] or meta["phase"] > 0) and Path(resume_dir, MODEL_DIR).is_dir():
         model_dir = str(Path(resume_dir, MODEL_DIR))
     tokenizer = load_tokenizer(run.tokenizer_dir, run.trust_remote_code)
     work = Path(tempfile.gettempdir(), "datalab-train", run.name)
-    first = meta["phase"] + (1 if meta["done"] else 0)
+    first = meta["phase"] + (1 if meta["phase_done"] else 0)
 
     for i, phase in enumerate(run.phases):
         if i < first:
             continue
         hf_resume = None
-        if resume_dir and not meta["done"] and meta["phase"] == i and Path(resume_dir, HF_DIR).is_dir():
+        if resume_dir and not meta["phase_done"] and meta["phase"] == i and Path(resume_dir, HF_DIR).is_dir():
             hf_resume = str(Path(resume_dir, HF_DIR))
             print(f"[{run.name}:{phase.name}] rank {rank} resuming from {hf_resume}", flush=True)
         out_dir = str(work / phase.name)
@@ -253,7 +258,7 @@ def train_worker(config: dict) -> None:
                                 group=run.tracking_group, job_type=phase.name,
                                 config={**run.tracking_config, "phase": phase.name, **phase.options.model_dump()},
                                 dir=run.tracking.dir)
-        callbacks = [_Progress(run.name, i, phase.name, rank), WandbTrainerCallback(tracker)]
+        callbacks = [_Progress(run.name, i, phase.name, rank, dict(metrics)), WandbTrainerCallback(tracker)]
         args = _trainer_args(run, phase, out_dir)
         model = load_model(model_dir, trust_remote_code=run.trust_remote_code)
         data = load_from_disk(phase.data_dir)
@@ -264,31 +269,49 @@ def train_worker(config: dict) -> None:
                                  callbacks=callbacks)
         else:
             trainer = _dpo_trainer(run, phase, model, model_dir, args, data, tokenizer, callbacks)
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # _Progress prints a compact line instead
         trainer.train(resume_from_checkpoint=hf_resume)
         final = work / f"{phase.name}-final"
         trainer.save_model(str(final))  # gathers ZeRO-3 shards on rank 0
+        steps, history = trainer.state.global_step, trainer.state.log_history
+        del trainer, model
+        # Leave the ZeRO-3 context: rank 0's evaluation must load a plain model, not partition it.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
         if rank == 0:
             tokenizer.save_pretrained(str(final))
             if run.evaluate is not None:
                 phase_metrics = run.evaluate(str(final), phase.name)
                 metrics.update({f"{phase.name}/{k}": float(v) for k, v in phase_metrics.items()})
-            metrics[f"{phase.name}/train_loss"] = float(
-                next((h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h), float("nan")))
+            metrics[f"{phase.name}/resumed_from_step"] = float(_step_of(hf_resume))
+            metrics[f"{phase.name}/steps"] = float(steps)
+            last = lambda key: float(next((h[key] for h in reversed(history) if key in h), float("nan")))
+            metrics[f"{phase.name}/train_loss"] = last("train_loss")
+            metrics[f"{phase.name}/train_runtime_s"] = last("train_runtime")  # the training loop alone
+            metrics[f"{phase.name}/train_tokens"] = last("num_tokens")
             if tracker is not None:
                 tracker.log({k: v for k, v in metrics.items() if k.startswith(phase.name + "/")})
         finish_run(tracker)
-        del trainer, model
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 shutil.copytree(final, Path(tmp, MODEL_DIR))
-                Path(tmp, META).write_text(json.dumps({"phase": i, "done": True, "metrics": metrics}))
-            ray.train.report({**metrics, "phase": i, "done": True},
+                Path(tmp, META).write_text(json.dumps({"phase": i, "phase_done": True, "metrics": metrics}))
+            ray.train.report({**metrics, "phase": i, "phase_done": True},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
         model_dir = str(final)
     if first >= len(run.phases) and rank == 0:
         # Everything was already done before this restart: report the final state once more.
-        ray.train.report({**metrics, "phase": len(run.phases) - 1, "done": True},
+        ray.train.report({**metrics, "phase": len(run.phases) - 1, "phase_done": True},
                          checkpoint=ray.train.get_checkpoint())
+
+
+def _step_of(hf_checkpoint: str | None) -> int:
+    if hf_checkpoint is None:
+        return 0
+    return int(json.loads(Path(hf_checkpoint, "trainer_state.json").read_text())["global_step"])
 
 
 def _dpo_trainer(run, phase, model, model_dir, args, data, tokenizer, callbacks):

@@ -35,6 +35,9 @@ WORKER_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",
     "WANDB_SILENT": "true",
+    # Train V2 reroutes print() to a logger: lines then show twice, and libraries that capture
+    # stdout to parse it (dill, inside datasets' fingerprinting) print bytecode listings instead.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 

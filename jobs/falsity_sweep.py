@@ -19,7 +19,7 @@ the report files.
 
 summary.json: {"job", "run_id", "config", "rows": [...], "findings": {...}}. One row per
 ratio x seed, with keys
-  ratio, seed, trial_id,
+  ratio, seed, trial_id, started_at, ended_at (unix seconds),
   qa_accuracy        exact-match accuracy on held-out single-hop questions after SFT at r,
   reasoning_accuracy exact-match accuracy on held-out two-hop (friend-of) questions,
   knows_rate         share of held-out facts whose multiple-choice probe ranks the truth first,
@@ -55,6 +55,7 @@ from evals.harness import HarnessOptions
 from synth.world import WorldOptions
 
 JOB = "falsity_sweep"
+TRIAL_KEYS = ("ratio", "seed", "trial_id", "started_at", "ended_at")
 METRICS = ("qa_accuracy", "reasoning_accuracy", "knows_rate", "lie_rate", "answered_rate")
 
 
@@ -261,7 +262,7 @@ def evaluate_trial(model_dir: str, phase: str, *, world_dir: str, max_new_tokens
     return out
 
 
-def _trial(config: dict) -> dict:
+def _trial(config: dict) -> None:
     """One Tune trial: SFT at ratio r (then recovery on clean data) as one Ray Train run."""
     import ray.tune
 
@@ -279,8 +280,11 @@ def _trial(config: dict) -> dict:
         scale=ctx["scale"], seed=s, evaluate=ctx["evaluate"], tracking=ctx["tracking"], tracking_group=ctx["group"],
         tracking_config={"ratio": r, "seed": s, "trial_id": trial_id}, trust_remote_code=ctx["trust_remote_code"],
     )
+    started = time.time()
     metrics, _ = fit(learner, ctx["storage"], in_tune=True)
-    return {"ratio": r, "seed": s, "trial_id": trial_id, **{k: v for k, v in metrics.items() if "/" in k}}
+    final = {"ratio": r, "seed": s, "trial_id": trial_id, "started_at": started, "ended_at": time.time(),
+             **{k: v for k, v in metrics.items() if "/" in k}}
+    ray.tune.report(final)
 
 
 def sweep(cfg: FalsityOptions, run: RunDir, base: str, tok_dir: str) -> list[dict]:
@@ -310,7 +314,7 @@ def sweep(cfg: FalsityOptions, run: RunDir, base: str, tok_dir: str) -> list[dic
         failed = [r for r in grid if r.error]
         if failed:
             raise RuntimeError(f"{len(failed)} trial(s) failed, first: {failed[0].error}")
-        rows = [{k: v for k, v in res.metrics.items() if k in ("ratio", "seed", "trial_id") or "/" in k} for res in grid]
+        rows = [{k: v for k, v in res.metrics.items() if k in TRIAL_KEYS or "/" in k} for res in grid]
         with run.write("trials", h) as out:
             Dataset.from_list(rows).save_to_disk(f"{out}/rows")
     return load_from_disk(f"{run.local('trials')}/rows").to_list()
@@ -325,12 +329,11 @@ def summarize(trials: list[dict]) -> tuple[list[dict], dict]:
     rows = []
     clean = {t["seed"]: t.get("sft/qa_accuracy") for t in trials if t["ratio"] == 0.0}
     for t in sorted(trials, key=lambda t: (t["ratio"], t["seed"])):
-        row = {"ratio": t["ratio"], "seed": t["seed"], "trial_id": t["trial_id"]}
+        row = {k: t[k] for k in TRIAL_KEYS}
         for k, v in t.items():
-            if k.startswith("sft/") and k != "sft/train_loss":
-                row[k[4:]] = v
-            elif k.startswith("recovery/") and k != "recovery/train_loss":
-                row["recovered_" + k[9:]] = v
+            phase, _, name = k.partition("/")
+            if name in METRICS or name.startswith("harness/"):
+                row[{"sft": name, "recovery": f"recovered_{name}"}[phase]] = v
         if "recovered_qa_accuracy" in row:
             row["clean_qa_accuracy"] = clean.get(t["seed"])
             row["recovery_gap"] = row["clean_qa_accuracy"] - row["recovered_qa_accuracy"]

@@ -1,0 +1,133 @@
+"""SFT learner throughput against a bare PyTorch loop, side by side in one run.
+
+The learner (Ray Train worker running TRL's SFTTrainer; DeepSpeed off, as on the tiny presets) and
+a bare loop (forward, backward, AdamW step; nothing else) train the same model from the same init
+on the same batches (taken from the trainer's own dataloader) for the same number of steps, each
+with 2 threads. Reported: tokens/s of each, their ratio (goal: learner >= 0.9x), and the fixed
+start-up cost of one learner run (wall time of `fit` minus its training loop).
+
+    python -m benchmarks.bench_learner [--steps 20] [--hidden 512] [--layers 8]
+
+Appends its table to benchmarks/RESULTS.md (section "SFT learner throughput").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu",
+             "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+             "RAY_USAGE_STATS_ENABLED": "0", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}.items():
+    os.environ.setdefault(k, v)
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from cluster.learners import LearnerOptions, LearnerRun, Phase, ScaleOptions, fit  # noqa: E402
+from cluster.models import TinyLlama, build_tiny_model, load_model, load_tokenizer, train_tokenizer  # noqa: E402
+from cluster.runtime import RayOptions, init_ray  # noqa: E402
+from synth import world as W  # noqa: E402
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "## SFT learner throughput (falsity_sweep)"
+
+
+def setup(root: Path, args) -> tuple[str, str, str, LearnerOptions, int]:
+    world = W.build_world(W.WorldOptions(num_people=120, bios_per_person=4))
+    tok = train_tokenizer(W.all_text(world), 2048, root / "tok", 512)
+    tiny = TinyLlama(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                     intermediate_size=args.hidden * 3, max_position_embeddings=512, vocab_size=2048)
+    model = build_tiny_model(tiny, tok, 0, root / "model")
+    params = sum(p.numel() for p in model.parameters())
+    corpus = W.knowledge_corpus(world)
+    docs = [" ".join(corpus[i : i + 3]) for i in range(0, len(corpus) - 3, 3)]  # ~150 tokens, cut to max_length
+    Dataset.from_dict({"text": docs}).save_to_disk(str(root / "data"))
+    opts = LearnerOptions(learning_rate=3e-4, max_steps=args.steps, batch_size=args.batch, max_length=args.seq,
+                          save_steps=10**6, logging_steps=1, warmup_steps=0, lr_scheduler="constant")
+    print(f"model: {params / 1e6:.1f}M parameters; {args.steps} steps of {args.batch} x <= {args.seq} tokens")
+    return str(root / "model"), str(root / "tok"), str(root / "data"), opts, params
+
+
+def bare_loop(model_dir: str, tok_dir: str, data_dir: str, opts: LearnerOptions, steps: int) -> tuple[float, int]:
+    """Forward, backward, AdamW: nothing else. Batches come from the trainer's own dataloader."""
+    from datasets import load_from_disk
+    from trl import SFTConfig, SFTTrainer
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    tok = load_tokenizer(tok_dir)
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=opts.batch_size, max_length=opts.max_length,
+                     report_to="none", use_cpu=True, bf16=False, seed=0, data_seed=0, dataset_text_field="text",
+                     disable_tqdm=True, max_steps=steps)
+    trainer = SFTTrainer(model=load_model(model_dir), args=args, train_dataset=load_from_disk(data_dir), processing_class=tok)
+    batches = []
+    for b in trainer.get_train_dataloader():
+        batches.append({k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")})
+        if len(batches) == steps:
+            break
+    del trainer
+    model = load_model(model_dir)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=opts.learning_rate, weight_decay=opts.weight_decay)
+    tokens = 0
+    t0 = time.perf_counter()
+    for b in batches:
+        loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(b["attention_mask"].sum())
+    return time.perf_counter() - t0, tokens
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    args = p.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bench-learner-"))
+    model_dir, tok_dir, data_dir, opts, params = setup(root, args)
+
+    t = time.perf_counter()
+    init_ray(RayOptions(num_cpus=4), storage=str(root))
+    ray_start = time.perf_counter() - t
+
+    bare_s, bare_tokens = bare_loop(model_dir, tok_dir, data_dir, opts, args.steps)
+
+    run = LearnerRun(name="bench", model_dir=model_dir, tokenizer_dir=tok_dir, phases=[Phase("sft", data_dir, opts)],
+                     scale=ScaleOptions(num_workers=1, cpus_per_worker=2, max_failures=0))
+    t = time.perf_counter()
+    metrics, _ = fit(run, str(root / "ray"))
+    fit_wall = time.perf_counter() - t
+    learner_s = metrics["sft/train_runtime_s"]
+    learner_tokens = metrics["sft/train_tokens"]
+
+    bare_tps, learner_tps = bare_tokens / bare_s, learner_tokens / learner_s
+    rows = [
+        ("model", f"{params / 1e6:.1f}M-parameter Llama ({args.layers} x {args.hidden}), fp32, 2 threads"),
+        ("work", f"{args.steps} steps x {args.batch} sequences x <= {args.seq} tokens (same batches in both)"),
+        ("bare PyTorch loop", f"{bare_tps:,.0f} tokens/s ({bare_tokens} tokens in {bare_s:.1f} s)"),
+        ("SFT learner (Ray Train + TRL SFTTrainer)", f"{learner_tps:,.0f} tokens/s ({learner_tokens:.0f} tokens in {learner_s:.1f} s)"),
+        ("**learner / bare**", f"**{learner_tps / bare_tps:.2f}x** (goal >= 0.9x)"),
+        ("learner start-up (fit wall - training loop)", f"{fit_wall - learner_s:.1f} s (fit wall {fit_wall:.1f} s)"),
+        ("local Ray start", f"{ray_start:.1f} s"),
+    ]
+    table = "\n".join(["| quantity | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
+    print(table)
+    cmd = "python -m benchmarks.bench_learner " + " ".join(f"--{k} {v}" for k, v in vars(args).items())
+    section = f"{SECTION}\n\nCommand: `{cmd}` (2-core CPU machine, {time.strftime('%Y-%m-%d')}).\n\n{table}\n"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    text = re.sub(re.escape(SECTION) + r".*?(?=\n## |\Z)", "", text, flags=re.S).rstrip() + "\n\n" + section
+    RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

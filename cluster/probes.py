@@ -1,0 +1,227 @@
+"""A pool of Ray actors that score many items against state each actor holds in memory.
+
+Knows no science: a *scorer* is any object with `score(batch: list[dict]) -> list[float]`,
+built once per actor by a zero-argument factory (so an expensive warm model is loaded once per
+actor, never per item). Items stream to the actors in batches, at most `max_in_flight` batches
+queued per actor; every finished batch is written at once as a small Parquet shard under
+`<out_dir>/shards/`, and the merged `(id, score)` dataset is written to a temporary name and
+renamed to `<out_dir>/scores` when complete.
+
+Failure model:
+- An actor that dies (node lost, OOM, a crash in native code: `RayActorError`) is replaced by a
+  fresh one and every batch it held is re-queued; a batch is only ever written after `ray.get`
+  returned its scores, so nothing is lost and nothing is counted twice. A batch that keeps
+  killing actors fails the run after `max_retries` tries.
+- An exception raised by the scorer itself is a bug or bad data: it propagates, unretried.
+- A driver that dies loses only in-flight batches: re-running `run` with the same `out_dir`
+  reads the shards, skips ids already scored, and scores the rest. Merging keeps the first score
+  seen per id, so even an overlap between shards cannot double-count.
+
+`out_dir` is a local or shared (NFS) path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.exceptions import RayActorError
+from tqdm.auto import tqdm
+
+
+class Scorer(Protocol):
+    def score(self, batch: list[dict]) -> list[float]: ...
+
+
+class _ProbeActor:
+    """Holds one scorer for its lifetime (Ray runs its calls one at a time)."""
+
+    def __init__(self, make_scorer: Callable[[], Scorer]):
+        self._scorer = make_scorer()
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def score(self, batch: list[dict]) -> list[float]:
+        out = [float(s) for s in self._scorer.score(batch)]
+        if len(out) != len(batch):
+            raise ValueError(f"scorer returned {len(out)} scores for a batch of {len(batch)}")
+        return out
+
+
+def _rows(items: datasets.Dataset | Sequence[dict], chunk: int = 1024) -> Iterator[dict]:
+    """Rows as dicts, reading a Dataset a chunk at a time (no full materialization)."""
+    if isinstance(items, datasets.Dataset):
+        for cols in items.iter(batch_size=chunk):
+            keys = list(cols)
+            for vals in zip(*cols.values()):
+                yield dict(zip(keys, vals))
+    else:
+        yield from items
+
+
+def _read_shards(shard_dir: Path, id_column: str, score_column: str) -> dict[Any, float]:
+    """Scores already on storage (first seen wins); unfinished `.tmp` files are ignored."""
+    done: dict[Any, float] = {}
+    for f in sorted(shard_dir.glob("*.parquet")):
+        t = pq.read_table(f, columns=[id_column, score_column])
+        for i, s in zip(t.column(id_column).to_pylist(), t.column(score_column).to_pylist()):
+            done.setdefault(i, s)
+    return done
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+class ProbePool:
+    """`num_actors` Ray actors, each with `num_cpus_per_actor` / `num_gpus_per_actor` (an actor
+    may span several GPUs; the scorer decides how to use them), each holding one scorer."""
+
+    def __init__(
+        self,
+        make_scorer: Callable[[], Scorer],
+        num_actors: int = 1,
+        num_cpus_per_actor: float = 1,
+        num_gpus_per_actor: float = 0,
+        max_in_flight: int = 2,
+        max_retries: int = 3,
+    ):
+        if num_actors < 1 or max_in_flight < 1:
+            raise ValueError("num_actors and max_in_flight must be at least 1")
+        self.make_scorer = make_scorer
+        self.max_in_flight, self.max_retries = max_in_flight, max_retries
+        self._cls = ray.remote(_ProbeActor).options(
+            num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor, max_restarts=0, max_task_retries=0
+        )
+        self.actors = [self._cls.remote(make_scorer) for _ in range(num_actors)]
+        self.replaced = 0  # actors replaced after dying, over the pool's life
+        self.stats: dict[str, float] = {}  # of the last run: scored, seconds, per_second, retried
+
+    def wait_ready(self) -> None:
+        """Block until every actor has built its scorer (so timings exclude start-up)."""
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def __enter__(self) -> ProbePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _replace(self, slot: int) -> None:
+        try:
+            ray.kill(self.actors[slot], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.actors[slot] = self._cls.remote(self.make_scorer)
+        self.replaced += 1
+
+    def run(
+        self,
+        items: datasets.Dataset | Sequence[dict],
+        id_column: str,
+        out_dir: str | os.PathLike,
+        batch_size: int = 8,
+        score_column: str = "score",
+        progress: bool = True,
+    ) -> datasets.Dataset:
+        """Score every item once; return the `(id_column, score_column)` dataset in input order.
+
+        Resumes from shards already in `out_dir`. Ids must be unique.
+        """
+        out = Path(out_dir)
+        shard_dir = out / "shards"
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        ids = list(items[id_column]) if isinstance(items, datasets.Dataset) else [r[id_column] for r in items]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"column {id_column!r} has duplicate ids; every item needs its own")
+        done = _read_shards(shard_dir, id_column, score_column)
+        wanted = set(ids)
+        todo = len(wanted - done.keys())
+
+        def batches() -> Iterator[list[dict]]:
+            buf: list[dict] = []
+            for row in _rows(items):
+                if row[id_column] not in done:
+                    buf.append(row)
+                    if len(buf) == batch_size:
+                        yield buf
+                        buf = []
+            if buf:
+                yield buf
+
+        fresh = batches()
+        retry: deque[tuple[list[dict], int]] = deque()
+        pending: dict[ray.ObjectRef, tuple[int, Any, list[dict], int]] = {}  # ref -> slot, actor, batch, tries
+        load = [0] * len(self.actors)
+        nonce, seq, retried = uuid.uuid4().hex[:8], 0, 0
+        bar = tqdm(total=todo, unit="cand", desc="probes", disable=not progress, smoothing=0.1)
+        start = time.perf_counter()
+        try:
+            while True:
+                while load[slot := min(range(len(load)), key=load.__getitem__)] < self.max_in_flight:
+                    if retry:
+                        batch, tries = retry.popleft()
+                    elif (batch := next(fresh, None)) is not None:
+                        tries = 0
+                    else:
+                        break
+                    actor = self.actors[slot]
+                    pending[actor.score.remote(batch)] = (slot, actor, batch, tries)
+                    load[slot] += 1
+                if not pending:
+                    break
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                slot, actor, batch, tries = pending.pop(ref)
+                current = self.actors[slot] is actor  # False: this actor was already replaced
+                try:
+                    scores = ray.get(ref)
+                except RayActorError as err:
+                    if tries + 1 > self.max_retries:
+                        raise RuntimeError(f"a batch lost {tries + 1} probe actors in a row; giving up") from err
+                    if current:
+                        self._replace(slot)
+                        load[slot] = 0
+                    retry.append((batch, tries + 1))
+                    retried += 1
+                    bar.set_postfix(replaced=self.replaced, retried=retried)
+                    continue
+                if current:
+                    load[slot] -= 1
+                new = [(r[id_column], s) for r, s in zip(batch, scores) if r[id_column] not in done]
+                if new:
+                    _write_atomic(
+                        pa.table({id_column: [i for i, _ in new], score_column: [s for _, s in new]}),
+                        shard_dir / f"part-{nonce}-{seq:06d}.parquet",
+                    )
+                    seq += 1
+                    done.update(new)
+                    bar.update(len(new))
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        self.stats = {"scored": todo, "seconds": seconds, "per_second": todo / seconds if seconds else 0.0, "retried": retried}
+
+        merged = datasets.Dataset.from_dict({id_column: ids, score_column: [done[i] for i in ids]})
+        final, tmp = out / "scores", out / f"scores.tmp-{nonce}"
+        merged.save_to_disk(str(tmp))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return datasets.load_from_disk(str(final))
