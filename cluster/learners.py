@@ -302,10 +302,12 @@ def train_worker(config: dict) -> None:
             ray.train.report({**metrics, "phase": i, "phase_done": True},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
         model_dir = str(final)
-    if first >= len(run.phases) and rank == 0:
-        # Everything was already done before this restart: report the final state once more.
+    if first >= len(run.phases):
+        # Everything was already done before this restart: report the final state once more
+        # (every rank reports: ray.train.report is a barrier).
         ray.train.report({**metrics, "phase": len(run.phases) - 1, "phase_done": True},
-                         checkpoint=ray.train.get_checkpoint())
+                         checkpoint=ray.train.get_checkpoint() if rank == 0 else None)
+    shutil.rmtree(work, ignore_errors=True)  # local HF checkpoints; Ray's storage keeps the reported ones
 
 
 def _step_of(hf_checkpoint: str | None) -> int:

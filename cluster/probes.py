@@ -39,7 +39,10 @@ from tqdm.auto import tqdm
 
 
 class Scorer(Protocol):
-    def score(self, batch: list[dict]) -> list[float]: ...
+    """Maps a batch of rows to one value per row: a score (float), or any Arrow-storable value
+    such as a generated string (the same pool runs generators)."""
+
+    def score(self, batch: list[dict]) -> list[Any]: ...
 
 
 class _ProbeActor:
@@ -51,8 +54,12 @@ class _ProbeActor:
     def ready(self) -> int:
         return os.getpid()
 
-    def score(self, batch: list[dict]) -> list[float]:
-        out = [float(s) for s in self._scorer.score(batch)]
+    def cpu_seconds(self) -> float:
+        """CPU time this actor's process has used: with wall time, the cores it actually got."""
+        return time.process_time()
+
+    def score(self, batch: list[dict]) -> list[Any]:
+        out = list(self._scorer.score(batch))
         if len(out) != len(batch):
             raise ValueError(f"scorer returned {len(out)} scores for a batch of {len(batch)}")
         return out
@@ -107,7 +114,7 @@ class ProbePool:
         )
         self.actors = [self._cls.remote(make_scorer) for _ in range(num_actors)]
         self.replaced = 0  # actors replaced after dying, over the pool's life
-        self.stats: dict[str, float] = {}  # of the last run: scored, seconds, per_second, retried
+        self.stats: dict[str, float] = {}  # of the last run: scored, seconds, per_second, retried, actor_cpu_seconds
 
     def wait_ready(self) -> None:
         """Block until every actor has built its scorer (so timings exclude start-up)."""
@@ -172,6 +179,7 @@ class ProbePool:
         load = [0] * len(self.actors)
         nonce, seq, retried = uuid.uuid4().hex[:8], 0, 0
         bar = tqdm(total=todo, unit="cand", desc="probes", disable=not progress, smoothing=0.1)
+        cpu0 = dict(zip(map(id, self.actors), ray.get([a.cpu_seconds.remote() for a in self.actors])))
         start = time.perf_counter()
         try:
             while True:
@@ -216,7 +224,11 @@ class ProbePool:
         finally:
             bar.close()
         seconds = time.perf_counter() - start
-        self.stats = {"scored": todo, "seconds": seconds, "per_second": todo / seconds if seconds else 0.0, "retried": retried}
+        cpu = sum(c - cpu0.get(id(a), 0.0) for a, c in zip(self.actors, ray.get([a.cpu_seconds.remote() for a in self.actors])))
+        self.stats = {
+            "scored": todo, "seconds": seconds, "per_second": todo / seconds if seconds else 0.0,
+            "retried": retried, "actor_cpu_seconds": cpu,  # replacements count from their start
+        }
 
         merged = datasets.Dataset.from_dict({id_column: ids, score_column: [done[i] for i in ids]})
         final, tmp = out / "scores", out / f"scores.tmp-{nonce}"

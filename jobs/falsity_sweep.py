@@ -49,7 +49,7 @@ from cluster import cli
 from cluster.config import Options, UserError, config_hash
 from cluster.learners import LearnerOptions, LearnerRun, Phase, ScaleOptions
 from cluster.models import ModelSpec
-from cluster.runtime import RayOptions, RunDir, absolute, is_remote, run_uri
+from cluster.runtime import RayOptions, RunDir, absolute, init_ray, is_remote, run_uri
 from cluster.tracking import TrackingOptions
 from evals.harness import HarnessOptions
 from synth.world import WorldOptions
@@ -59,17 +59,47 @@ TRIAL_KEYS = ("ratio", "seed", "trial_id", "started_at", "ended_at")
 METRICS = ("qa_accuracy", "reasoning_accuracy", "knows_rate", "lie_rate", "answered_rate")
 
 
+class HubQAOptions(Options):
+    """A multiple-choice QA dataset whose true and false reasoning a generator model writes."""
+
+    dataset: str = Field(description="hub dataset id, or a local .jsonl/.parquet/.csv file")
+    config_name: str | None = Field(None, description="hub dataset configuration (e.g. ARC-Challenge)")
+    split: str = Field("train", description="dataset split")
+    question_field: str = Field("question", description="column with the question text")
+    answer_field: str = Field("answer", description="column with the answer: its text, a choice label, or an index")
+    choices_field: str = Field("choices", description="column with the choices: a list, or {text: [...], label: [...]}")
+    limit: int | None = Field(None, ge=1, description="use the first N questions; null: all")
+    heldout_fraction: float = Field(0.2, ge=0, lt=1, description="share of questions kept for evaluation only")
+
+
+class GeneratorOptions(Options):
+    """The model that writes reasoning chains, on a pool of Ray actors."""
+
+    model: str = Field(description="hub id or local directory of the generator (an instruct model)")
+    max_new_tokens: int = Field(256, gt=0, description="tokens per explanation")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature (0: greedy)")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling")
+    num_actors: int = Field(1, ge=1, description="generator actors")
+    cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor")
+    gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor (1 for an 8B bf16 generator)")
+    batch_size: int = Field(8, gt=0, description="prompts per generate call")
+
+
 class DataOptions(Options):
     """Where the FACO table comes from."""
 
-    source: Literal["world", "file"] = Field("world", description="world: generate from the synthetic world; file: read a FACO table")
+    source: Literal["world", "file", "hub"] = Field("world", description="world: the synthetic world; file: a FACO table; hub: a QA dataset + generator")
     file: str | None = Field(None, description="FACO table (.jsonl/.parquet/.csv or dataset dir) with columns id, question, answer, true_response, false_response; rows with split=heldout are evaluated, the rest trained on")
     world: WorldOptions = Field(default_factory=WorldOptions, description="synthetic world size and seed")
+    hub: HubQAOptions | None = Field(None, description="QA dataset (source: hub)")
+    generator: GeneratorOptions | None = Field(None, description="reasoning writer (source: hub)")
 
     @model_validator(mode="after")
-    def _file_given(self):
+    def _source_given(self):
         if self.source == "file" and not self.file:
             raise ValueError("data.file is required when data.source is file")
+        if self.source == "hub" and (self.hub is None or self.generator is None):
+            raise ValueError("data.hub and data.generator are required when data.source is hub")
         return self
 
 
@@ -154,7 +184,7 @@ def build_data(cfg: FalsityOptions, run: RunDir) -> None:
                 "tokenizer_text": [{"text": t} for t in W.all_text(world)],
             }
         else:
-            rows = load_table(cfg.data.file)
+            rows = load_table(cfg.data.file) if cfg.data.source == "file" else faco_from_hub(cfg.data, cfg.ray, run)
             held = [r for r in rows if r.get("split") == "heldout"]
             sft = [r for r in rows if r.get("split") != "heldout"]
             if not sft:
@@ -165,6 +195,37 @@ def build_data(cfg: FalsityOptions, run: RunDir) -> None:
         for name, rows in tables.items():
             Dataset.from_list(rows).save_to_disk(f"{out}/{name}") if rows else Path(out, name).mkdir()
         print(f"[data] {', '.join(f'{k}: {len(v)}' for k, v in tables.items())}", flush=True)
+
+
+def faco_from_hub(data: DataOptions, ray_opts: RayOptions, run: RunDir) -> list[dict]:
+    """FACO at scale: a generator on a Ray actor pool writes true and false reasoning for a QA set."""
+    import datasets
+
+    from cluster.probes import ProbePool
+    from synth.falsity import ReasoningWriter, generate_table, qa_rows
+
+    h = data.hub
+    local = Path(h.dataset).suffix in (".jsonl", ".json", ".parquet", ".csv")
+    try:
+        if local:
+            ds = datasets.load_dataset(Path(h.dataset).suffix.lstrip(".").replace("jsonl", "json"),
+                                       data_files=h.dataset, split="train")
+        else:
+            ds = datasets.load_dataset(h.dataset, h.config_name, split=h.split)
+    except Exception as exc:
+        raise UserError(f"data.hub.dataset {h.dataset}: could not load ({type(exc).__name__}: {str(exc)[:200]})") from None
+    rows = ds.select(range(min(h.limit, len(ds)))).to_list() if h.limit else ds.to_list()
+    if not rows:
+        raise UserError(f"data.hub.dataset {h.dataset}: no rows")
+    qa = qa_rows(rows, h.dataset, h.question_field, h.answer_field, h.choices_field, seed=data.world.seed)
+    g = data.generator
+    init_ray(ray_opts, run.uri)
+    scratch = f"{run.root}/generation" if not is_remote(run.uri) else tempfile.mkdtemp(prefix="faco-generation-")
+    make = functools.partial(ReasoningWriter, g.model, g.max_new_tokens, g.temperature, g.top_p)
+    with ProbePool(make, g.num_actors, g.cpus_per_actor, g.gpus_per_actor) as pool:
+        table = generate_table(qa, pool, scratch, g.batch_size)
+    n_held = round(h.heldout_fraction * len(table))
+    return [{**r, "split": "heldout" if i < n_held else "sft"} for i, r in enumerate(table)]
 
 
 def _load_rows(run: RunDir, name: str) -> list[dict]:
@@ -182,6 +243,8 @@ def build_base(cfg: FalsityOptions, run: RunDir) -> tuple[str, str]:
 
     if cfg.model.tiny is None:
         tok_dir = cfg.tokenizer or cfg.model.name
+        if Path(cfg.model.name).is_dir() and Path(tok_dir).is_dir():  # local: check they agree now
+            check_pair(cfg.model.name, load_tokenizer(tok_dir, cfg.model.trust_remote_code))
         return cfg.model.name, tok_dir
     h = config_hash({"data": config_hash(cfg.data), "tiny": cfg.model.tiny.model_dump()})
     if not run.done("tokenizer", h):
@@ -444,20 +507,27 @@ def plan(cfg: FalsityOptions) -> str:
         data = (f"synthetic world: {w.num_people} people ({w.num_people - held} SFT, {held} held out); "
                 f"corpus {w.num_people * w.bios_per_person} biographies; SFT {6 * (w.num_people - held)} questions; "
                 f"held-out {6 * held} questions, {4 * held} probes")
-    else:
+    elif cfg.data.source == "file":
         data = f"FACO table from {cfg.data.file}"
+    else:
+        h, g = cfg.data.hub, cfg.data.generator
+        data = (f"{h.dataset}{'/' + h.config_name if h.config_name else ''}[{h.split}]"
+                f"{f' (first {h.limit})' if h.limit else ''}, true/false reasoning written by {g.model} on "
+                f"{g.num_actors} actor(s) x ({g.cpus_per_actor} CPU + {g.gpus_per_actor} GPU); "
+                f"{h.heldout_fraction:.0%} held out")
     model = cfg.model.name or f"tiny Llama {cfg.model.tiny.num_hidden_layers}x{cfg.model.tiny.hidden_size}"
     ph = "sft" + (" -> recovery (clean)" if cfg.recovery else "")
     lines = [
         f"falsity_sweep plan (run dir {run_uri(cfg.storage, JOB, _run_id(cfg))})",
         f"  model: {model}; data: {data}",
-        "  stages: world -> " + ("tokenizer -> base_init -> " if cfg.model.tiny else "")
+        "  stages: " + ("generation -> " if cfg.data.source == "hub" else "") + "world -> " + ("tokenizer -> base_init -> " if cfg.model.tiny else "")
         + ("pretrain -> " if cfg.pretrain else "") + "mixtures -> sweep -> trials -> report",
         f"  pretrain: {'none' if cfg.pretrain is None else f'{cfg.pretrain.epochs} epochs, lr {cfg.pretrain.learning_rate}'}",
         f"  sweep: {trials} trials = ratios {cfg.ratios} x seeds {cfg.seeds}; phases per trial: {ph}",
         f"  resources per trial: {res}; DeepSpeed ZeRO-{s.zero_stage}{' bf16' if s.bf16 else ''}{' offload' if s.offload else ''}"
         + (f"; at most {cfg.max_concurrent_trials} trials at once" if cfg.max_concurrent_trials else ""),
-        f"  evaluation: exact QA / reasoning / knows / lie rate" + (" + lm-eval harness" if cfg.eval.harness else ""),
+        "  evaluation: " + ("exact QA / reasoning / knows / lie rate on held-out people" if cfg.data.source == "world"
+                            else "exact-match QA on held-out questions") + (" + lm-eval harness" if cfg.eval.harness else ""),
         f"  tracking: W&B {cfg.tracking.mode}, project {cfg.tracking.project}",
     ]
     if cfg.eval.harness:
@@ -468,8 +538,11 @@ def plan(cfg: FalsityOptions) -> str:
 
 
 def run(cfg: FalsityOptions) -> dict:
-    from cluster.runtime import init_ray
+    import datasets
+    import transformers
 
+    datasets.disable_progress_bars()  # per-file bars of tiny stages are noise; stages print a line each
+    transformers.utils.logging.disable_progress_bar()
     t0 = time.time()
     rd = _run_dir(cfg)
     print(f"[falsity_sweep] run directory {rd.uri}", flush=True)

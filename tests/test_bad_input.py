@@ -103,3 +103,17 @@ def test_dry_run_of_the_8b_preset_needs_no_gpu_or_network(capsys):
     assert code == 0
     assert "meta-llama/Meta-Llama-3-8B" in out and "8 worker(s)" in out and "ZeRO-3 bf16" in out
     assert "5 trials" in out and "lm-eval" in out
+
+
+def test_model_and_tokenizer_that_disagree(capsys, tmp_path):
+    from cluster.models import TinyLlama, build_tiny_model, train_tokenizer
+
+    small = train_tokenizer(["alpha beta gamma"] * 50, 300, tmp_path / "small")
+    build_tiny_model(TinyLlama(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+                     small, 0, tmp_path / "model")
+    train_tokenizer([f"word{i} " * 3 for i in range(2000)], 1200, tmp_path / "big")
+    capsys.readouterr()
+    code, err = run_cli(capsys, "--config", TINY, f"model.name={tmp_path / 'model'}", "model.tiny=null",
+                        f"tokenizer={tmp_path / 'big'}", "pretrain=null", f"storage={tmp_path / 'runs'}")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "model vocabulary" in err and "smaller than the tokenizer" in err
