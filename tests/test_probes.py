@@ -69,7 +69,8 @@ def ray_local():
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory):
     """A tiny warm student on disk, its reference set, candidates and in-process exact scores."""
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like the actors; and tiny matmuls are faster on one thread
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -91,6 +92,7 @@ def warm(tmp_path_factory):
     ref_batches = batched(ref, 8)
     L0 = reference_loss(state.model.eval(), ref_batches)
     expected = {c["id"]: exact_influence(state, c, ref_batches, L0) for c in cands}
+    torch.set_num_threads(threads)
     return str(warm_dir), ref, cands, expected
 
 
