@@ -73,7 +73,8 @@ def init_ray(opts: RayOptions, storage: str) -> None:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(
         num_cpus=opts.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
-        include_dashboard=False,
+        include_dashboard=True,  # Train's placement-group cleaner queries the state API it serves
+        dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env},
         _temp_dir=os.environ.get("DATALAB_RAY_TMP"),
         log_to_driver=True,

@@ -55,18 +55,6 @@ class ExitOnce:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind 127.0.0.1 only
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(
-        num_cpus=4, include_dashboard=False, log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},  # workers import influence/ from any cwd
-    )
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def warm(tmp_path_factory):
     """A tiny warm student on disk, its reference set, candidates and in-process exact scores."""
     threads = torch.get_num_threads()
