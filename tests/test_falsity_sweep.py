@@ -81,7 +81,7 @@ def test_recovery_is_partial(sweep):
     for seed in (0, 1):
         r1 = next(r for r in summary["rows"] if r["seed"] == seed and r["ratio"] == 1.0)
         assert r1["recovered_qa_accuracy"] - r1["qa_accuracy"] >= 0.2, r1
-    assert mean(by(summary, 1.0, "recovery_gap")) >= 0.03, by(summary, 1.0, "recovery_gap")
+        assert r1["recovery_gap"] >= 0.05, r1
 
 
 def test_wandb_offline_runs_read_back(sweep):

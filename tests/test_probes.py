@@ -10,7 +10,6 @@ from pathlib import Path
 
 import datasets
 import pytest
-import ray
 import torch
 from ray import cloudpickle
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -18,7 +17,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from cluster.probes import ProbePool
 from influence.lookahead import ExactScorer, batched, candidate_loss, collate, exact_influence, load_warm, reference_loss, save_warm
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 300
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this file
 
