@@ -198,15 +198,22 @@ class _Progress(TrainerCallback):
 
     def on_save(self, args, state, control, **kw):
         import ray.train
+        import torch.distributed as dist
         from transformers.trainer_utils import get_last_checkpoint
 
-        src = get_last_checkpoint(args.output_dir)
+        # Every rank writes its own shards into the node's output_dir: wait until all have, then
+        # one process per node copies the node's directory (Ray merges the nodes' copies).
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), float("nan"))
+        metrics = {"phase": self.phase_index, "step": state.global_step, "loss": loss}
+        if ray.train.get_context().get_local_rank() != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
         with tempfile.TemporaryDirectory() as tmp:
-            shutil.copytree(src, Path(tmp, HF_DIR))
+            shutil.copytree(get_last_checkpoint(args.output_dir), Path(tmp, HF_DIR))
             Path(tmp, META).write_text(json.dumps({"phase": self.phase_index, "phase_done": False, "metrics": self.metrics}))
-            loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), float("nan"))
-            ray.train.report({"phase": self.phase_index, "step": state.global_step, "loss": loss},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _read_meta(ckpt) -> tuple[dict, str | None]:
