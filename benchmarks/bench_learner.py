@@ -96,11 +96,13 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-learner-"))
     model_dir, tok_dir, data_dir, opts, params = setup(root, args)
 
+    # The bare loop runs before Ray starts: Ray's prestarted workers import for a while and would
+    # steal the cores from whichever side ran first.
+    bare_s, bare_tokens = bare_loop(model_dir, tok_dir, data_dir, opts, args.steps)
+
     t = time.perf_counter()
     init_ray(RayOptions(num_cpus=4), storage=str(root))
     ray_start = time.perf_counter() - t
-
-    bare_s, bare_tokens = bare_loop(model_dir, tok_dir, data_dir, opts, args.steps)
 
     run = LearnerRun(name="bench", model_dir=model_dir, tokenizer_dir=tok_dir, phases=[Phase("sft", data_dir, opts)],
                      scale=ScaleOptions(num_workers=1, cpus_per_worker=2, max_failures=0))
