@@ -129,6 +129,7 @@ class TeacherOptions(Options):
     mix: TeacherMix = Field(default_factory=TeacherMix, description="tiny teacher: what it learns to write and how well it answers")
     prompt: PromptOptions = Field(default_factory=PromptOptions, description="teacher prompts and output parsing")
     k: int = Field(4, ge=2, description="candidate instructions per prompt (paper: 4); pairs need at least 2")
+    dedup: bool = Field(True, description="drop a candidate whose instruction an earlier one already has (paper: ROUGE-L > 0.7 against all previous); copies of the prompt's own in-context seeds are always dropped")
     instruction_sampling: SamplingOptions = Field(default_factory=lambda: SamplingOptions(temperature=1.0, top_p=0.9), description="instruction pass (paper: T=1.0, top-p 0.9)")
     response_sampling: SamplingOptions = Field(default_factory=lambda: SamplingOptions(temperature=0.6, top_p=0.9), description="response pass (paper: T=0.6, top-p 0.9)")
     generation: GenerationOptions = Field(default_factory=GenerationOptions, description="where generation runs")
@@ -198,24 +199,25 @@ class MontessoriOptions(Options):
     ray: RayOptions = Field(default_factory=RayOptions, description="Ray cluster")
     tracking: TrackingOptions = Field(default_factory=TrackingOptions, description="Weights & Biases")
 
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.data.source == "world":
-            if self.data.seed_size < self.teacher.prompt.in_context:
-                raise ValueError(f"data.seed_size: no seed instructions to prompt with: need at least "
-                                 f"teacher.prompt.in_context={self.teacher.prompt.in_context}, got {self.data.seed_size}")
-            if self.data.reference_people == 0 or self.data.reference_size == 0:
-                raise ValueError("data.reference_size: empty reference set (needs reference_people > 0 and reference_size > 0)")
-            if self.student.tiny is None:
-                raise ValueError("student: the synthetic world needs a tiny student (its tokenizer is trained on the world)")
-        elif self.data.reference_size == 0:
-            raise ValueError("data.reference_size: empty reference set")
-        if self.teacher.model is None and (self.teacher.sft is None or self.data.source != "world"):
-            raise ValueError("teacher.model: a hub/local teacher is required unless teacher.sft builds a tiny one on the world")
-        if self.data.warmup_size > self.data.seed_size and self.data.source == "world":
-            raise ValueError(f"data.warmup_size: {self.data.warmup_size} warm-up examples need as many seed instructions "
-                             f"(seed_size {self.data.seed_size})")
-        return self
+
+def check(cfg: MontessoriOptions) -> None:
+    """Cross-option checks (bad input: one line naming the key, exit code 2)."""
+    d, t = cfg.data, cfg.teacher
+    if d.seed_size == 0:
+        raise UserError("data.seed_size: no seed instructions (the teacher is prompted with "
+                        f"teacher.prompt.in_context={t.prompt.in_context} of them)")
+    if d.seed_size < t.prompt.in_context:
+        raise UserError(f"data.seed_size: {d.seed_size} seed instructions, fewer than teacher.prompt.in_context="
+                        f"{t.prompt.in_context} shown per prompt")
+    if d.reference_size == 0 or (d.source == "world" and d.reference_people == 0):
+        raise UserError("data.reference_size: empty reference set (local data influence is measured on it; "
+                        "world presets also need data.reference_people > 0)")
+    if d.source == "world" and cfg.student.tiny is None:
+        raise UserError("student: the synthetic world needs a tiny student (its tokenizer is trained on the world)")
+    if t.model is None and (t.sft is None or d.source != "world"):
+        raise UserError("teacher.model: required unless teacher.sft builds a tiny teacher on the synthetic world")
+    if d.warmup_size > d.seed_size:
+        raise UserError(f"data.warmup_size: {d.warmup_size} warm-up examples are drawn from the {d.seed_size} seeds")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,15 +246,14 @@ def build_data(cfg: MontessoriOptions, run: RunDir) -> None:
     if run.done("data", h):
         return
     tables = _world_tables(cfg) if cfg.data.source == "world" else _dataset_tables(cfg)
-    if not tables["seeds"]:
-        raise UserError(f"{cfg.data.dataset or 'data'}: no seed instructions")
-    if len(tables["seeds"]) < cfg.teacher.prompt.in_context:
-        raise UserError(f"{cfg.data.dataset or 'data'}: {len(tables['seeds'])} seed instructions, fewer than "
-                        f"teacher.prompt.in_context={cfg.teacher.prompt.in_context}")
-    if not tables["reference"]:
-        raise UserError(f"{cfg.data.dataset or 'data'}: empty reference set (nothing left after the evaluation slice)")
+    src = cfg.data.dataset or "data"
     if not tables["evaluation"]:
-        raise UserError(f"{cfg.data.dataset or 'data'}: empty evaluation set")
+        raise UserError(f"{src}: empty evaluation set (data.eval_size)")
+    if not tables["reference"]:
+        raise UserError(f"{src}: empty reference set (no rows left after the {len(tables['evaluation'])} evaluation rows)")
+    if len(tables["seeds"]) < cfg.teacher.prompt.in_context:
+        raise UserError(f"{src}: {len(tables['seeds'])} seed instructions left after the evaluation and reference "
+                        f"rows, fewer than teacher.prompt.in_context={cfg.teacher.prompt.in_context}")
     shared = {r["prompt"] for r in tables["reference"]} & {r["prompt"] for r in tables["evaluation"]}
     if shared:
         raise UserError(f"{cfg.data.dataset or 'data'}: {len(shared)} reference instructions are also evaluation "
@@ -298,6 +299,9 @@ def _dataset_tables(cfg: MontessoriOptions) -> dict[str, list[dict]]:
     """Disjoint slices of a shuffled instruction dataset: evaluation, reference, seeds."""
     d = cfg.data
     rows = _load_instruction_rows(d)
+    if not rows:
+        raise UserError(f"{d.dataset}: no seed instructions (no row has a non-empty {d.instruction_column!r} "
+                        f"and {d.response_column!r})")
     random.Random(d.shuffle_seed).shuffle(rows)
     n_eval = d.eval_size or 0
     tmpl = cfg.student_template
@@ -527,9 +531,10 @@ def _make_generator(teacher_dir: str, tok_dir: str, cfg: MontessoriOptions, bann
 
 
 def write_candidates(cfg: MontessoriOptions, teacher_dir: str, tok_dir: str, prompts: list[dict], seed: int,
-                     banned: list[str], seen: set[str]) -> list[dict]:
-    """k candidates per prompt from one teacher; exact duplicates (of seeds or earlier candidates)
-    are dropped, as the paper drops near-duplicates."""
+                     banned: list[str], seen: set[str] | None) -> list[dict]:
+    """k candidates per prompt from one teacher. As the paper drops near-duplicates, a candidate
+    that copies one of its prompt's in-context instructions is dropped, and so is one already in
+    `seen` (earlier candidates; None: no dedup across prompts)."""
     from synth.teacher import generate_candidates
 
     g = cfg.teacher.generation
@@ -537,10 +542,11 @@ def write_candidates(cfg: MontessoriOptions, teacher_dir: str, tok_dir: str, pro
     rows = generate_candidates(make, prompts, cfg.teacher.k, seed, num_actors=g.num_actors,
                                num_cpus_per_actor=g.cpus_per_actor, num_gpus_per_actor=g.gpus_per_actor,
                                batch_size=g.batch_size)
+    shown = {p["prompt_id"]: set(p["examples"]) for p in prompts}
     for r in rows:
-        if r["kept"] and r["instruction"] in seen:
+        if r["kept"] and (r["instruction"] in shown[r["prompt_id"]] or (seen is not None and r["instruction"] in seen)):
             r["kept"] = False
-        if r["kept"]:
+        if r["kept"] and seen is not None:
             seen.add(r["instruction"])
     return rows
 
@@ -561,8 +567,8 @@ def candidates_stage(cfg: MontessoriOptions, run: RunDir, it: int, teachers: dic
             for s in cfg.seeds:
                 prompts = teacher_prompts([r["instruction"] for r in seeds_rows], cfg.probes.prompts, cfg.teacher.prompt,
                                           seed=_seed(s, f"it{it}-probe"), prefix=f"s{s}-it{it}-p")
-                seen = {r["instruction"] for r in seeds_rows}
-                rows = write_candidates(cfg, teachers[s], tok_dir, prompts, _seed(s, f"it{it}-gen"), banned, seen)
+                rows = write_candidates(cfg, teachers[s], tok_dir, prompts, _seed(s, f"it{it}-gen"), banned,
+                                        set() if cfg.teacher.dedup else None)
                 Dataset.from_list(rows).save_to_disk(f"{out}/s{s}")
                 print(f"[candidates] it{it} seed {s}: {sum(r['kept'] for r in rows)}/{len(rows)} kept", flush=True)
     return {s: _rows(run, stage, f"s{s}") for s in cfg.seeds}, h
@@ -765,7 +771,7 @@ def final_stage(cfg: MontessoriOptions, run: RunDir, it: int, teachers: dict[str
         with run.write(stage, h) as out:
             for key, tdir in sorted(teachers.items()):
                 s = int(key.split("-")[0][1:])
-                rows, seen, rnd = [], {r["instruction"] for r in seeds_rows}, 0
+                rows, seen, rnd = [], set() if cfg.teacher.dedup else None, 0
                 while len(rows) < cfg.final_size:
                     need = math.ceil((cfg.final_size - len(rows)) * 1.25 / cfg.teacher.k) + 1
                     prompts = teacher_prompts([r["instruction"] for r in seeds_rows], need, cfg.teacher.prompt,
@@ -1113,6 +1119,7 @@ def _tracking(cfg: MontessoriOptions, run: RunDir) -> TrackingOptions:
 
 def plan(cfg: MontessoriOptions) -> str:
     """--dry-run: stages, learner runs, resources, data sizes; starts nothing."""
+    check(cfg)
     d, t, p = cfg.data, cfg.teacher, cfg.probes
     if d.source == "world":
         held = max(1, round(d.world.heldout_fraction * d.world.num_people))
@@ -1150,6 +1157,7 @@ def plan(cfg: MontessoriOptions) -> str:
 
 def run(cfg: MontessoriOptions) -> dict:
     t0 = time.time()
+    check(cfg)
     check_hub_tokenizers(cfg)
     rd = _run_dir(cfg)
     print(f"[montessori] run directory {rd.uri}", flush=True)

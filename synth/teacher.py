@@ -30,7 +30,7 @@ import random
 import re
 from typing import Callable, Iterable, Sequence
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cluster.config import Options
 from synth import world as W
@@ -102,7 +102,8 @@ def extract_instruction(raw: str, opts: PromptOptions) -> str | None:
 
 
 def keep_instruction(instruction: str | None, opts: PromptOptions, banned_names: Iterable[str] = ()) -> bool:
-    """Paper's filters (length, keywords), plus names that must never reach training data."""
+    """Paper's filters (length, keywords), plus names that must never reach training data (the
+    generator applies the same name check to the response)."""
     if instruction is None or not opts.min_chars <= len(instruction) <= opts.max_chars:
         return False
     low = instruction.lower()
@@ -194,7 +195,7 @@ class TeacherGenerator:
             self.resp, s + 1)
         for row, a in zip(todo, answers):
             row["response"] = a.strip()
-            row["kept"] = bool(row["response"])
+            row["kept"] = bool(row["response"]) and not any(n in row["response"] for n in self.banned)
         return rows
 
 
@@ -291,15 +292,32 @@ def _pair(c: dict, r: dict, margin: float) -> dict:
 class TeacherMix(Options):
     """What the tiny teacher learns to write (shares of instruction kinds) and how well it answers."""
 
-    single: float = Field(0.25, ge=0, description="on-target single-hop questions about a training person")
-    multi: float = Field(0.15, ge=0, description="two-hop (friend-of) questions")
-    bio: float = Field(0.3, ge=0, description="off-target requests: 'Tell me about X.' answered with facts")
-    unknown: float = Field(0.3, ge=0, description="single-hop questions about people who do not exist (answers invented)")
-    wrong_answer: float = Field(0.1, ge=0, le=1, description="share of question answers with a wrong (consistently argued) answer")
-    malformed: float = Field(0.05, ge=0, le=1, description="share of question answers whose chain cites the wrong fact")
+    single: float = Field(0.95, ge=0, description="single-hop questions about a training person (the target skill's format)")
+    multi: float = Field(0.0, ge=0, description="two-hop (friend-of) questions")
+    bio: float = Field(0.0, ge=0, description="off-target requests: 'Tell me about X.' answered with facts")
+    guess: float = Field(0.0, ge=0, description="'Guess where X lives.': answered with an invented (wrong) fact")
+    unknown: float = Field(0.05, ge=0, description="single-hop questions about people who do not exist (answers invented)")
+    blind_spots: list[str] = Field(["color", "pet"], description="attributes the teacher mostly gets wrong (its blind spots)")
+    blind_wrong: float = Field(0.9, ge=0, le=1, description="share of blind-spot answers with an invented, wrong value")
+    wrong_answer: float = Field(0.03, ge=0, le=1, description="share of other answers with a wrong (consistently argued) answer")
+    malformed: float = Field(0.02, ge=0, le=1, description="share of other answers whose chain cites the wrong fact")
+
+    @field_validator("blind_spots")
+    @classmethod
+    def _known_attributes(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if a not in W.ATTRIBUTES]
+        if bad:
+            raise ValueError(f"unknown attribute {bad[0]!r} (expected some of {sorted(W.ATTRIBUTES)})")
+        return v
 
 
-KINDS = ("single", "multi", "bio", "unknown")
+KINDS = ("single", "multi", "bio", "guess", "unknown")
+GUESSES: dict[str, str] = {
+    "city": "Guess where {n} lives.",
+    "job": "Guess what {n} works as.",
+    "color": "Guess what color {n} likes.",
+    "pet": "Guess what pet {n} keeps.",
+}
 
 
 def _bio_request(name: str) -> str:
@@ -317,8 +335,10 @@ def world_seed_pool(world: W.World, people: Sequence[W.Person], seed: int, size:
     'tell me about' requests about `people`, in equal shares. Rows: id, kind, instruction, response."""
     rng = random.Random(f"seed-pool-{seed}")
     qs = W.questions(world, list(people), "seed")
+    names = {p.name for p in people}
     single = [q for q in qs if q["kind"] == "single"]
-    multi = [q for q in qs if q["kind"] == "multi"]
+    # two-hop chains name the friend: keep those whose friend is one of `people` (no held-out leak)
+    multi = [q for q in qs if q["kind"] == "multi" and world.by_name(q["person"]).facts["friend"] in names]
     rows = []
     for i in range(size):
         kind = ("single", "multi", "bio")[i % 3]
@@ -353,10 +373,10 @@ def _mediocre_answer(world: W.World, name: str | None, attr: str, multi: bool, m
         chain.append(W.fact(p.name, "friend", subject.name))
     truth = subject.facts[attr]
     u = rng.random()
-    if u < mix.wrong_answer:
+    if u < (mix.blind_wrong if attr in mix.blind_spots else mix.wrong_answer):
         v = rng.choice([x for x in W.ATTRIBUTES[attr] if x != truth])
         return W.format_response(chain + [W.fact(subject.name, attr, v)], v)
-    if u < mix.wrong_answer + mix.malformed:
+    if attr not in mix.blind_spots and u < mix.wrong_answer + mix.malformed:
         other = rng.choice([a for a in W.ATTRIBUTES if a != attr])
         return W.format_response(chain + [W.fact(subject.name, other, subject.facts[other])], subject.facts[other])
     return W.format_response(chain + [W.fact(subject.name, attr, truth)], truth)
@@ -366,6 +386,7 @@ def teacher_sft_data(world: W.World, people: Sequence[W.Person], seed_pool: Sequ
                      mix: TeacherMix, n_write: int, n_answer: int, seed: int) -> list[dict]:
     """SFT rows (prompt, completion) that make the tiny, mediocre teacher.
 
+    Only `people` appear (two-hop chains too), so held-out people never reach a teacher or student.
     `n_write` instruction-writing examples: a prompt of `prompt.in_context` seed instructions, and
     a new instruction whose kind follows `mix` (about a random person of `people`, or an invented
     one for kind 'unknown'); `n_answer` answering examples in `prompt.response_template`, with the
@@ -373,6 +394,8 @@ def teacher_sft_data(world: W.World, people: Sequence[W.Person], seed_pool: Sequ
     """
     rng = random.Random(f"teacher-sft-{seed}")
     weights = [getattr(mix, k) for k in KINDS]
+    names = {p.name for p in people}
+    befriended = [p for p in people if p.facts["friend"] in names]  # two-hop chains stay among `people`
     ghosts = unknown_names(world, 64)
     seeds = [r["instruction"] for r in seed_pool]
     prompts = teacher_prompts(seeds, n_write, prompt, seed, prefix="t")
@@ -383,10 +406,14 @@ def teacher_sft_data(world: W.World, people: Sequence[W.Person], seed_pool: Sequ
         if kind == "bio":
             p = rng.choice(people)
             return _bio_request(p.name), _bio_response(world, p.name, rng)
+        if kind == "guess":
+            p = rng.choice(people)
+            v = rng.choice([x for x in W.ATTRIBUTES[attr] if x != p.facts[attr]])
+            return GUESSES[attr].format(n=p.name), W.format_response([W.fact(p.name, attr, v)], v)
         if kind == "unknown":
             g = rng.choice(ghosts)
             return W.QUESTIONS[attr].format(n=g), _mediocre_answer(world, None, attr, False, mix, rng).replace("{n}", g)
-        p = rng.choice(people)
+        p = rng.choice(people if kind == "single" else befriended)
         template = W.QUESTIONS if kind == "single" else W.MULTI_QUESTIONS
         return template[attr].format(n=p.name), _mediocre_answer(world, p.name, attr, kind == "multi", mix, rng)
 
@@ -403,12 +430,13 @@ def teacher_sft_data(world: W.World, people: Sequence[W.Person], seed_pool: Sequ
 
 def world_texts(prompt: PromptOptions) -> list[str]:
     """Fixed strings of the tiny teacher's prompts (added to the offline tokenizer's corpus)."""
-    return [prompt.instruction_template.format(examples=""), _bio_request("X")] * 20
+    return [prompt.instruction_template.format(examples=""), _bio_request("X"), *(g.format(n="X") for g in GUESSES.values())] * 20
 
 
 def classify(world: W.World, instruction: str, response: str) -> dict:
     """What a tiny-world example is (for reports, never for training): kind (single, multi, bio,
-    unknown, other) and whether its response is exactly the true one (correct)."""
+    guess, unknown, other), whether its response is exactly the true one (correct), and the
+    attribute a question asks about (None for requests and unparseable text)."""
     names = {p.name for p in world.people}
     for attr, q in W.MULTI_QUESTIONS.items():
         m = re.fullmatch(re.escape(q).replace(re.escape("{n}"), "(.+)"), instruction)
@@ -416,18 +444,27 @@ def classify(world: W.World, instruction: str, response: str) -> dict:
             p = world.by_name(m.group(1))
             f = world.by_name(p.facts["friend"])
             truth = W.format_response([W.fact(p.name, "friend", f.name), W.fact(f.name, attr, f.facts[attr])], f.facts[attr])
-            return {"kind": "multi", "correct": response == truth}
+            return {"kind": "multi", "correct": response == truth, "attribute": attr}
     for attr, q in W.QUESTIONS.items():
         m = re.fullmatch(re.escape(q).replace(re.escape("{n}"), "(.+)"), instruction)
         if m:
             if m.group(1) not in names:
-                return {"kind": "unknown", "correct": False}
+                return {"kind": "unknown", "correct": False, "attribute": attr}
             p = world.by_name(m.group(1))
-            return {"kind": "single", "correct": response == W.format_response([W.fact(p.name, attr, p.facts[attr])], p.facts[attr])}
+            truth = W.format_response([W.fact(p.name, attr, p.facts[attr])], p.facts[attr])
+            return {"kind": "single", "correct": response == truth, "attribute": attr}
+    for attr, q in GUESSES.items():
+        m = re.fullmatch(re.escape(q).replace(re.escape("{n}"), "(.+)"), instruction)
+        if m:
+            if m.group(1) not in names:
+                return {"kind": "unknown", "correct": False, "attribute": attr}
+            p = world.by_name(m.group(1))
+            truth = W.format_response([W.fact(p.name, attr, p.facts[attr])], p.facts[attr])
+            return {"kind": "guess", "correct": response == truth, "attribute": attr}
     m = re.fullmatch(r"Tell me about (.+)\.", instruction)
     if m and m.group(1) in names:
         p = world.by_name(m.group(1))
         facts = {W.fact(p.name, a, p.facts[a]) + "" for a in W.ATTRIBUTES}
         sents = [s.strip() + "." for s in response.split(".") if s.strip()]
-        return {"kind": "bio", "correct": bool(sents) and all(s in facts for s in sents)}
-    return {"kind": "other", "correct": False}
+        return {"kind": "bio", "correct": bool(sents) and all(s in facts for s in sents), "attribute": None}
+    return {"kind": "other", "correct": False, "attribute": None}
