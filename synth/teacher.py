@@ -292,12 +292,12 @@ def _pair(c: dict, r: dict, margin: float) -> dict:
 class TeacherMix(Options):
     """What the tiny teacher learns to write (shares of instruction kinds) and how well it answers."""
 
-    single: float = Field(0.95, ge=0, description="single-hop questions about a training person (the target skill's format)")
+    single: float = Field(0.5, ge=0, description="single-hop questions about a training person (the target skill's format)")
     multi: float = Field(0.0, ge=0, description="two-hop (friend-of) questions")
     bio: float = Field(0.0, ge=0, description="off-target requests: 'Tell me about X.' answered with facts")
-    guess: float = Field(0.0, ge=0, description="'Guess where X lives.': answered with an invented (wrong) fact")
+    guess: float = Field(0.45, ge=0, description="'Where does X live? Take a guess.': answered with an invented (wrong) fact")
     unknown: float = Field(0.05, ge=0, description="single-hop questions about people who do not exist (answers invented)")
-    blind_spots: list[str] = Field(["color", "pet"], description="attributes the teacher mostly gets wrong (its blind spots)")
+    blind_spots: list[str] = Field([], description="attributes the teacher mostly gets wrong (its blind spots)")
     blind_wrong: float = Field(0.9, ge=0, le=1, description="share of blind-spot answers with an invented, wrong value")
     wrong_answer: float = Field(0.03, ge=0, le=1, description="share of other answers with a wrong (consistently argued) answer")
     malformed: float = Field(0.02, ge=0, le=1, description="share of other answers whose chain cites the wrong fact")
@@ -312,12 +312,7 @@ class TeacherMix(Options):
 
 
 KINDS = ("single", "multi", "bio", "guess", "unknown")
-GUESSES: dict[str, str] = {
-    "city": "Guess where {n} lives.",
-    "job": "Guess what {n} works as.",
-    "color": "Guess what color {n} likes.",
-    "pet": "Guess what pet {n} keeps.",
-}
+GUESSES: dict[str, str] = {a: q + " Take a guess." for a, q in W.QUESTIONS.items()}  # invites an invented answer
 
 
 def _bio_request(name: str) -> str:
