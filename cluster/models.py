@@ -111,16 +111,24 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str | Path, *, dtype=None, trust_remote_code: bool = False, attn_implementation=None):
-    """Load causal-LM weights (safetensors only; no pickled checkpoints)."""
+def load_model(path: str | Path, *, dtype=None, trust_remote_code: bool = False, attn_implementation=None,
+               device: str | None = None):
+    """Load causal-LM weights (safetensors only; no pickled checkpoints).
+
+    `dtype`: a torch dtype or its name ("bfloat16"); `device`: where the weights go, "auto"
+    spreads the layers over every visible GPU (a model larger than one GPU, in one process)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
     if dtype is not None:
-        kwargs["dtype"] = dtype
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if device == "auto":
+        kwargs["device_map"] = "auto"
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return model if device in (None, "auto") else model.to(device)
 
 
 def check_pair(model_dir: str | Path, tokenizer) -> None:

@@ -67,7 +67,12 @@ def init_ray(opts: RayOptions, storage: str) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind 127.0.0.1 only
+    # bind 127.0.0.1 only: the env var for the processes Ray starts, the constant for this one
+    # (Ray reads it once at import, which may have happened before this call), and the node IP
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -75,6 +80,7 @@ def init_ray(opts: RayOptions, storage: str) -> None:
         num_cpus=opts.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
         include_dashboard=True,  # Train's placement-group cleaner queries the state API it serves
         dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env},
         _temp_dir=os.environ.get("DATALAB_RAY_TMP"),
         log_to_driver=True,
@@ -106,6 +112,7 @@ class RunDir:
     def __init__(self, storage: str, job: str, run_id: str):
         import fsspec
 
+        self.job, self.run_id = job, run_id
         self.uri = run_uri(storage, job, run_id)
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.uri)
@@ -115,6 +122,15 @@ class RunDir:
 
     def path(self, stage: str) -> str:
         return f"{self.root}/{stage}"
+
+    @property
+    def group(self) -> str:
+        """The W&B group of every run this job run logs."""
+        return f"{self.job}-{self.run_id}"
+
+    def wandb_dir(self, configured: str | None = None) -> str:
+        """Where W&B files go: the preset's directory, else beside the stages (remote storage: cwd)."""
+        return configured or (self.root if not is_remote(self.uri) else ".")
 
     def done(self, stage: str, config_hash: str) -> bool:
         manifest = f"{self.path(stage)}/{MANIFEST}"
@@ -142,13 +158,38 @@ class RunDir:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def local(self, stage: str) -> str:
-        """A local path to a finished stage (downloaded once when storage is remote)."""
+        """A local path to a finished stage (remote storage: downloaded once per version of it)."""
         if not is_remote(self.uri):
             return self.path(stage)
-        cache = Path(tempfile.gettempdir(), "datalab-cache", self.root.replace("/", "_"), stage)
+        cache = Path(self._cache_root(), f"{stage}@{self.stage_hash(stage)}")
         if not cache.exists():
-            self.fs.get(self.path(stage), str(cache), recursive=True)
+            self.fs.get(self.path(stage), f"{cache}.part", recursive=True)
+            os.replace(f"{cache}.part", cache)
         return str(cache)
+
+    def _cache_root(self) -> str:
+        return str(Path(tempfile.gettempdir(), "datalab-cache", self.root.replace("/", "_")))
+
+    def stage_hash(self, stage: str) -> str | None:
+        """The config hash a finished stage was written with (None: not finished)."""
+        manifest = f"{self.path(stage)}/{MANIFEST}"
+        return json.loads(self.fs.cat_file(manifest)).get("config_hash") if self.fs.exists(manifest) else None
+
+    def fingerprint(self, value):
+        """`value` (str, list or dict of them) with every path into this run's stages replaced by
+        the stage's name and hash. Hash a downstream stage's inputs through this: a redone stage
+        keeps its path but not its hash, so whatever was built from the old one is redone too."""
+        if isinstance(value, dict):
+            return {k: self.fingerprint(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.fingerprint(v) for v in value]
+        if isinstance(value, str):
+            for prefix in (f"{self.root}/", f"{self._cache_root()}/"):
+                if value.startswith(prefix):
+                    stage, _, rest = value[len(prefix):].partition("/")
+                    stage = stage.split("@")[0]
+                    return f"<{stage}@{self.stage_hash(stage)}>/{rest}"
+        return value
 
     def write_file(self, name: str, data: bytes) -> None:
         with self.fs.open(f"{self.root}/{name}", "wb") as f:

@@ -47,6 +47,10 @@ class TrackingOptions(Options):
     entity: str | None = Field(None, description="W&B entity (team or user); null: the default")
     dir: str | None = Field(None, description="where wandb files go; null: the job's run directory")
 
+    def for_run(self, run) -> "TrackingOptions":
+        """These options with W&B files under the run directory (`cluster.runtime.RunDir.wandb_dir`)."""
+        return self.model_copy(update={"dir": run.wandb_dir(self.dir)})
+
 
 # ---------------------------------------------------------------------------------------------
 # starting runs

@@ -66,7 +66,7 @@ def batched(examples: Sequence[Example], batch_size: int, pad_id: int = 0) -> li
 
 def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
     """Per-token next-token NLL, shape [B, T-1], zero where the target label is -100."""
-    targets = labels[:, 1:]
+    targets = labels[:, 1:].to(logits.device)  # a model spread over GPUs returns logits on its last one
     nll = nn.functional.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
     )
@@ -162,15 +162,26 @@ def save_warm(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
     torch.save(optimizer.state_dict(), path / "optimizer.pt")
 
 
-def load_warm(path: str | Path, attn_implementation: str = "eager") -> WarmState:
-    """Load what `save_warm` wrote. The AdamW is rebuilt and then loaded, so lr/betas/eps/wd and
-    the step count come from the warm-up (the paper's code relies on the same; a fresh AdamW
-    alone would silently step at the default lr 1e-3)."""
+def load_warm(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+              attn_implementation: str = "eager") -> WarmState:
+    """Load what `save_warm` wrote, onto `device` ("auto": the layers spread over every visible
+    GPU, for a student larger than one). The AdamW is rebuilt once the weights are in place and
+    then loaded (its state follows each parameter's device), so lr/betas/eps/wd and the step
+    count come from the warm-up (the paper's code relies on the same; a fresh AdamW alone would
+    silently step at the default lr 1e-3). Weights are read from safetensors, the optimizer state
+    with weights_only=True."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
+    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation, "use_safetensors": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device != "auto":
+        model.to(device)
     optimizer = torch.optim.AdamW(model.parameters())
-    optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", weights_only=True))
+    optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", weights_only=True, map_location="cpu"))
     return WarmState(model, optimizer)
 
 

@@ -267,13 +267,13 @@ def pretrain(cfg: FalsityOptions, run: RunDir, model_dir: str, tok_dir: str) -> 
 
     if cfg.pretrain is None:
         return model_dir
-    h = config_hash({"model": model_dir, "p": cfg.pretrain.model_dump(), "s": cfg.pretrain_scale.model_dump(),
-                     "data": config_hash(cfg.data)})
+    h = config_hash(run.fingerprint({"model": model_dir, "p": cfg.pretrain.model_dump(),
+                                     "s": cfg.pretrain_scale.model_dump(), "data": config_hash(cfg.data)}))
     if not run.done("pretrain", h):
-        learner = LearnerRun(name=f"{run.root.rsplit('/', 1)[-1]}-pretrain", model_dir=model_dir, tokenizer_dir=tok_dir,
+        learner = LearnerRun(name=f"{run.run_id}-pretrain", model_dir=model_dir, tokenizer_dir=tok_dir,
                              phases=[Phase("pretrain", f"{run.local('world')}/corpus", cfg.pretrain)],
-                             scale=cfg.pretrain_scale, seed=cfg.model_seed, tracking=_tracking(cfg, run),
-                             tracking_group=_group(run), trust_remote_code=cfg.model.trust_remote_code)
+                             scale=cfg.pretrain_scale, seed=cfg.model_seed, tracking=cfg.tracking.for_run(run),
+                             tracking_group=run.group, trust_remote_code=cfg.model.trust_remote_code)
         _, ckpt = fit(learner, absolute(f"{run.uri}/ray"))
         with run.write("pretrain", h) as out:
             ckpt.to_directory(f"{out}/ckpt")
@@ -358,14 +358,15 @@ def sweep(cfg: FalsityOptions, run: RunDir, base: str, tok_dir: str) -> list[dic
     from cluster.runtime import cluster_resources
     from cluster.sweep import max_concurrent, run_sweep
 
-    h = config_hash({"base": base, "mix": run.path("mixtures"), "sft": cfg.sft.model_dump(),
-                     "rec": cfg.recovery.model_dump() if cfg.recovery else None, "scale": cfg.scale.model_dump(),
-                     "eval": cfg.eval.model_dump(), "ratios": cfg.ratios, "seeds": cfg.seeds})
+    h = config_hash(run.fingerprint({
+        "base": base, "mix": run.path("mixtures"), "sft": cfg.sft.model_dump(),
+        "rec": cfg.recovery.model_dump() if cfg.recovery else None, "scale": cfg.scale.model_dump(),
+        "eval": cfg.eval.model_dump(), "ratios": cfg.ratios, "seeds": cfg.seeds}))
     if not run.done("trials", h):
         ctx = {
-            "run_id": run.root.rsplit("/", 1)[-1], "mixtures": run.local("mixtures"), "base": base, "tokenizer": tok_dir,
+            "run_id": run.run_id, "mixtures": run.local("mixtures"), "base": base, "tokenizer": tok_dir,
             "sft": cfg.sft, "recovery": cfg.recovery, "scale": cfg.scale, "storage": absolute(f"{run.uri}/ray"),
-            "tracking": _tracking(cfg, run), "group": _group(run), "trust_remote_code": cfg.model.trust_remote_code,
+            "tracking": cfg.tracking.for_run(run), "group": run.group, "trust_remote_code": cfg.model.trust_remote_code,
             "evaluate": functools.partial(evaluate_trial, world_dir=run.local("world"), max_new_tokens=cfg.eval.max_new_tokens,
                                           device=cfg.eval.device, harness=cfg.eval.harness),
         }
@@ -453,7 +454,7 @@ def report(cfg: FalsityOptions, run: RunDir, trials: list[dict]) -> dict:
     from cluster.tracking import finish_run, log_image, log_table, start_run
 
     rows, findings = summarize(trials)
-    summary = {"job": JOB, "run_id": run.root.rsplit("/", 1)[-1], "config": cfg.model_dump(mode="json"),
+    summary = {"job": JOB, "run_id": run.run_id, "config": cfg.model_dump(mode="json"),
                "rows": rows, "findings": findings}
     png = Path(run.root if not is_remote(run.uri) else tempfile.mkdtemp()) / "falsity_sweep.png"
     plot(rows, str(png))
@@ -470,7 +471,7 @@ def report(cfg: FalsityOptions, run: RunDir, trials: list[dict]) -> dict:
     run.write_file("report.md", "\n".join(lines).encode() + b"\n")
     run.write_file("falsity_sweep.png", png.read_bytes())
     wb = start_run(cfg.tracking, run_id=f"{summary['run_id']}-summary", name=f"{JOB}/{summary['run_id']}/summary",
-                   group=_group(run), job_type="summary", config=summary["config"], dir=_wandb_dir(cfg, run))
+                   group=run.group, job_type="summary", config=summary["config"], dir=run.wandb_dir(cfg.tracking.dir))
     if wb is not None:
         log_table(wb, "falsity_sweep", rows)
         log_image(wb, "falsity_sweep_plot", png)
@@ -481,19 +482,6 @@ def report(cfg: FalsityOptions, run: RunDir, trials: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def _group(run: RunDir) -> str:
-    return f"{JOB}-{run.root.rsplit('/', 1)[-1]}"
-
-
-def _wandb_dir(cfg: FalsityOptions, run: RunDir) -> str:
-    """W&B files go beside the run's stages unless the preset names a directory."""
-    return cfg.tracking.dir or (run.root if not is_remote(run.uri) else ".")
-
-
-def _tracking(cfg: FalsityOptions, run: RunDir) -> TrackingOptions:
-    return cfg.tracking.model_copy(update={"dir": _wandb_dir(cfg, run)})
 
 
 def plan(cfg: FalsityOptions) -> str:
@@ -546,7 +534,7 @@ def run(cfg: FalsityOptions) -> dict:
     t0 = time.time()
     rd = _run_dir(cfg)
     print(f"[falsity_sweep] run directory {rd.uri}", flush=True)
-    os.environ.setdefault("WANDB_DIR", _wandb_dir(cfg, rd))
+    os.environ.setdefault("WANDB_DIR", rd.wandb_dir(cfg.tracking.dir))
     build_data(cfg, rd)
     model_dir, tok_dir = build_base(cfg, rd)
     build_mixtures(cfg, rd)

@@ -34,6 +34,7 @@ summary.json: {"job", "run_id", "config", "rows": [...], "probes": [...], "findi
   teacher            "untrained" (Self-Instruct baseline, written once per seed, listed under
                      iteration 1), "montessori" (DPO on influence pairs), "random_pairs" (ablation),
   examples           size of the final synthetic set the student was SFT'd on,
+  distinct           distinct instructions in it (below `examples` when a narrowed teacher repeats),
   accuracy           exact-match accuracy on the held-out evaluation questions (synthetic world;
                      null for datasets without exact answers),
   heldout_loss       token-mean NLL of the reference answers of the evaluation set,
@@ -41,7 +42,7 @@ summary.json: {"job", "run_id", "config", "rows": [...], "probes": [...], "findi
   win_rate           head-to-head vs the same seed's untrained-teacher student: share of
                      evaluation items where this student's loss is lower (ties count half),
   acc_win_rate       the same by exact correctness (world; ties count half),
-  share_<kind>       composition of the final set (world): single, multi, bio, unknown, other,
+  share_<kind>       composition of the final set (world): single, guess, multi, bio, unknown, other,
   share_correct      share of the final set whose response is exactly true (world),
   plus `harness/<task>/<metric>` columns when `eval.harness` is set.
 `probes`, one per seed x iteration: candidates, kept, positive_share, mean_influence, pairs,
@@ -54,6 +55,7 @@ summary.json: {"job", "run_id", "config", "rows": [...], "probes": [...], "findi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -129,7 +131,7 @@ class TeacherOptions(Options):
     mix: TeacherMix = Field(default_factory=TeacherMix, description="tiny teacher: what it learns to write and how well it answers")
     prompt: PromptOptions = Field(default_factory=PromptOptions, description="teacher prompts and output parsing")
     k: int = Field(4, ge=2, description="candidate instructions per prompt (paper: 4); pairs need at least 2")
-    dedup: bool = Field(True, description="drop a candidate whose instruction an earlier one already has (paper: ROUGE-L > 0.7 against all previous); copies of the prompt's own in-context seeds are always dropped")
+    dedup: bool = Field(True, description="final sets: drop an instruction an earlier example already has (paper: ROUGE-L > 0.7 against all previous). Probing always drops copies within a prompt's candidates and of its in-context seeds")
     instruction_sampling: SamplingOptions = Field(default_factory=lambda: SamplingOptions(temperature=1.0, top_p=0.9), description="instruction pass (paper: T=1.0, top-p 0.9)")
     response_sampling: SamplingOptions = Field(default_factory=lambda: SamplingOptions(temperature=0.6, top_p=0.9), description="response pass (paper: T=0.6, top-p 0.9)")
     generation: GenerationOptions = Field(default_factory=GenerationOptions, description="where generation runs")
@@ -144,8 +146,9 @@ class WarmupOptions(Options):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (paper: 0)")
     max_length: int = Field(128, gt=0, description="tokens per example")
     num_cpus: float = Field(1, gt=0, description="logical CPUs of the warm-up task")
-    num_gpus: float = Field(0, ge=0, description="GPUs of the warm-up task")
-    device: str = Field("cpu", description="device the warm-up runs on")
+    num_gpus: float = Field(0, ge=0, description="GPUs of the warm-up task (a student larger than one GPU: several, with device auto)")
+    device: str = Field("cpu", description="cpu, cuda, or auto: the student's layers spread over the task's GPUs")
+    dtype: str | None = Field(None, description="torch dtype of the student and its AdamW state (bfloat16 at 8B, as the paper); null: as saved")
 
 
 class ProbeOptions(Options):
@@ -157,7 +160,7 @@ class ProbeOptions(Options):
     gpus_per_actor: float = Field(0, ge=0, description="GPUs per probe actor")
     batch_size: int = Field(16, ge=1, description="candidates per actor call")
     reference_batch_size: int = Field(16, ge=1, description="reference examples per forward (paper: 8)")
-    device: str = Field("cpu", description="device the probes run on")
+    device: str = Field("cpu", description="cpu, cuda, or auto: the warm student's layers spread over the actor's GPUs")
 
 
 class EvalOptions(Options):
@@ -167,7 +170,8 @@ class EvalOptions(Options):
     batch_size: int = Field(32, gt=0, description="evaluation batch size")
     num_cpus: float = Field(1, gt=0, description="logical CPUs per evaluation task")
     num_gpus: float = Field(0, ge=0, description="GPUs per evaluation task")
-    device: str = Field("cpu", description="device evaluation runs on")
+    device: str = Field("cpu", description="device evaluation runs on (auto: spread over the task's GPUs)")
+    dtype: str | None = Field(None, description="torch dtype the students are evaluated in; null: as saved")
     harness: HarnessOptions | None = Field(None, description="lm-evaluation-harness benchmarks (cluster presets); null: none")
 
 
@@ -358,10 +362,12 @@ def _rows(run: RunDir, stage: str, name: str) -> list[dict]:
 
 
 def _check_tokenizers(student_tok, teacher_tok, where: str) -> None:
-    """Teacher and student must tokenize alike: the teacher's text is what the student trains on,
-    and the tiny teacher starts from the student's weights."""
+    """Teacher and student must share a vocabulary: the tiny teacher starts from the student's
+    weights, and a teacher that splits text differently is a different model family (the paper's
+    Llama-3-8B-Instruct teacher and Llama-3-8B student share one; their EOS differs, which is fine:
+    text, not token ids, passes from teacher to student)."""
     a, b = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if a != b or student_tok.eos_token != teacher_tok.eos_token:
+    if a != b:
         differ = len(set(a.items()) ^ set(b.items()))
         raise UserError(f"{where}: the teacher's tokenizer disagrees with the student's "
                         f"(vocab {len(b)} vs {len(a)}, {differ} entries differ)")
@@ -417,7 +423,7 @@ def _fit_one(cfg: MontessoriOptions, run: RunDir, stage: str, h: str, learner: L
     from cluster.learners import fit
 
     if not run.done(stage, h):
-        _, ckpt = fit(learner, absolute(f"{run.uri}/ray"))
+        _, ckpt = fit(dataclasses.replace(learner, name=f"{learner.name}-{h}"), absolute(f"{run.uri}/ray"))
         with run.write(stage, h) as out:
             ckpt.to_directory(f"{out}/ckpt")
     return f"{run.local(stage)}/ckpt/model"
@@ -427,12 +433,12 @@ def pretrain(cfg: MontessoriOptions, run: RunDir, model_dir: str, tok_dir: str) 
     """Stage `pretrain`: the tiny student learns the world's facts from the knowledge corpus."""
     if cfg.pretrain is None:
         return model_dir
-    h = config_hash({"model": model_dir, "p": cfg.pretrain.model_dump(), "s": cfg.pretrain_scale.model_dump(),
-                     "data": _data_hash(cfg), "seed": cfg.model_seed})
-    learner = LearnerRun(name=f"{_rid(run)}-pretrain", model_dir=model_dir, tokenizer_dir=tok_dir,
+    h = config_hash(run.fingerprint({"model": model_dir, "p": cfg.pretrain.model_dump(),
+                                     "s": cfg.pretrain_scale.model_dump(), "data": _data_hash(cfg), "seed": cfg.model_seed}))
+    learner = LearnerRun(name=f"{run.run_id}-pretrain", model_dir=model_dir, tokenizer_dir=tok_dir,
                          phases=[Phase("pretrain", f"{run.local('data')}/corpus", cfg.pretrain)],
-                         scale=cfg.pretrain_scale, seed=cfg.model_seed, tracking=_tracking(cfg, run),
-                         tracking_group=_group(run), trust_remote_code=cfg.student.trust_remote_code)
+                         scale=cfg.pretrain_scale, seed=cfg.model_seed, tracking=cfg.tracking.for_run(run),
+                         tracking_group=run.group, trust_remote_code=cfg.student.trust_remote_code)
     return _fit_one(cfg, run, "pretrain", h, learner)
 
 
@@ -444,12 +450,12 @@ def build_teacher(cfg: MontessoriOptions, run: RunDir, student_dir: str, tok_dir
     """
     if cfg.teacher.model is not None:
         return cfg.teacher.model, cfg.teacher.tokenizer or cfg.teacher.model
-    h = config_hash({"student": student_dir, "sft": cfg.teacher.sft.model_dump(), "data": _data_hash(cfg),
-                     "s": cfg.pretrain_scale.model_dump()})
-    learner = LearnerRun(name=f"{_rid(run)}-teacher", model_dir=student_dir, tokenizer_dir=tok_dir,
+    h = config_hash(run.fingerprint({"student": student_dir, "sft": cfg.teacher.sft.model_dump(), "data": _data_hash(cfg),
+                                     "s": cfg.pretrain_scale.model_dump()}))
+    learner = LearnerRun(name=f"{run.run_id}-teacher", model_dir=student_dir, tokenizer_dir=tok_dir,
                          phases=[Phase("teacher_sft", f"{run.local('data')}/teacher_sft", cfg.teacher.sft)],
-                         scale=cfg.pretrain_scale, seed=cfg.model_seed, tracking=_tracking(cfg, run),
-                         tracking_group=_group(run))
+                         scale=cfg.pretrain_scale, seed=cfg.model_seed, tracking=cfg.tracking.for_run(run),
+                         tracking_group=run.group)
     return _fit_one(cfg, run, "teacher", h, learner), tok_dir
 
 
@@ -478,7 +484,7 @@ def warm_up_student(model_dir: str, tok_dir: str, rows: list[dict], opts: Warmup
 
     torch.manual_seed(seed)
     tok = load_tokenizer(tok_dir)
-    model = load_model(model_dir, attn_implementation="eager").to(opts.device)
+    model = load_model(model_dir, attn_implementation="eager", dtype=opts.dtype, device=opts.device)
     examples = [tokenize_sft(tok, r["prompt"], r["completion"], opts.max_length) for r in rows]
     opt = torch.optim.AdamW(model.parameters(), lr=opts.learning_rate, weight_decay=opts.weight_decay)
     steps = opts.epochs * math.ceil(len(examples) / opts.batch_size)
@@ -495,8 +501,8 @@ def warm_up_student(model_dir: str, tok_dir: str, rows: list[dict], opts: Warmup
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
-    save_warm(out_dir, model.cpu(), opt)
+            losses.append(loss.item())
+    save_warm(out_dir, model, opt)
     tok.save_pretrained(out_dir)
     return {"steps": steps, "peak_lr": opt.param_groups[0]["lr"], "first_loss": losses[0], "last_loss": losses[-1]}
 
@@ -505,7 +511,8 @@ def warm_up(cfg: MontessoriOptions, run: RunDir, student_dir: str, tok_dir: str)
     """Stage `warmup`: one warm student (weights + AdamW state) per seed, each a Ray task."""
     import ray
 
-    h = config_hash({"student": student_dir, "w": cfg.warmup.model_dump(), "data": _data_hash(cfg), "seeds": cfg.seeds})
+    h = config_hash(run.fingerprint({"student": student_dir, "w": cfg.warmup.model_dump(), "data": _data_hash(cfg),
+                                     "seeds": cfg.seeds}))
     if not run.done("warmup", h):
         rows = _rows(run, "data", "warmup")
         task = ray.remote(warm_up_student).options(num_cpus=cfg.warmup.num_cpus, num_gpus=cfg.warmup.num_gpus)
@@ -532,9 +539,9 @@ def _make_generator(teacher_dir: str, tok_dir: str, cfg: MontessoriOptions, bann
 
 def write_candidates(cfg: MontessoriOptions, teacher_dir: str, tok_dir: str, prompts: list[dict], seed: int,
                      banned: list[str], seen: set[str] | None) -> list[dict]:
-    """k candidates per prompt from one teacher. As the paper drops near-duplicates, a candidate
-    that copies one of its prompt's in-context instructions is dropped, and so is one already in
-    `seen` (earlier candidates; None: no dedup across prompts)."""
+    """k candidates per prompt from one teacher. As the paper drops near-duplicates, a candidate is
+    dropped when it copies one of its prompt's in-context instructions or an earlier candidate of
+    the same prompt, or (with `seen`, a set carried across calls) any earlier instruction."""
     from synth.teacher import generate_candidates
 
     g = cfg.teacher.generation
@@ -546,8 +553,10 @@ def write_candidates(cfg: MontessoriOptions, teacher_dir: str, tok_dir: str, pro
     for r in rows:
         if r["kept"] and (r["instruction"] in shown[r["prompt_id"]] or (seen is not None and r["instruction"] in seen)):
             r["kept"] = False
-        if r["kept"] and seen is not None:
-            seen.add(r["instruction"])
+        if r["kept"]:
+            shown[r["prompt_id"]].add(r["instruction"])
+            if seen is not None:
+                seen.add(r["instruction"])
     return rows
 
 
@@ -559,7 +568,7 @@ def candidates_stage(cfg: MontessoriOptions, run: RunDir, it: int, teachers: dic
     from synth.teacher import teacher_prompts
 
     stage = f"it{it}-candidates"
-    h = config_hash({"in": h_in, "teachers": teachers, "t": cfg.teacher.model_dump(), "p": cfg.probes.prompts})
+    h = config_hash(run.fingerprint({"in": h_in, "teachers": teachers, "t": cfg.teacher.model_dump(), "p": cfg.probes.prompts}))
     if not run.done(stage, h):
         seeds_rows = _rows(run, "data", "seeds")
         banned = [r["name"] for r in _rows(run, "data", "banned")]
@@ -567,8 +576,7 @@ def candidates_stage(cfg: MontessoriOptions, run: RunDir, it: int, teachers: dic
             for s in cfg.seeds:
                 prompts = teacher_prompts([r["instruction"] for r in seeds_rows], cfg.probes.prompts, cfg.teacher.prompt,
                                           seed=_seed(s, f"it{it}-probe"), prefix=f"s{s}-it{it}-p")
-                rows = write_candidates(cfg, teachers[s], tok_dir, prompts, _seed(s, f"it{it}-gen"), banned,
-                                        set() if cfg.teacher.dedup else None)
+                rows = write_candidates(cfg, teachers[s], tok_dir, prompts, _seed(s, f"it{it}-gen"), banned, None)
                 Dataset.from_list(rows).save_to_disk(f"{out}/s{s}")
                 print(f"[candidates] it{it} seed {s}: {sum(r['kept'] for r in rows)}/{len(rows)} kept", flush=True)
     return {s: _rows(run, stage, f"s{s}") for s in cfg.seeds}, h
@@ -585,13 +593,10 @@ def _seed(seed: int, tag: str) -> int:
 def make_scorer(warm_dir: str, reference: list[dict], max_length: int, batch_size: int, device: str):
     """Runs once per probe actor: the warm student and its AdamW state, loaded into memory."""
     from cluster.models import load_tokenizer
-    from influence.lookahead import ExactScorer, WarmState, batched, load_warm
+    from influence.lookahead import ExactScorer, batched, load_warm
 
     tok = load_tokenizer(warm_dir)
-    state = load_warm(warm_dir)
-    if device != "cpu":
-        state.model.to(device)
-        state = WarmState(state.model, state.optimizer)
+    state = load_warm(warm_dir, device=device)  # in the dtype the warm-up saved
     ref = [tokenize_sft(tok, r["prompt"], r["completion"], max_length) for r in reference]
     return ExactScorer(state, batched(ref, batch_size, tok.pad_token_id))
 
@@ -603,7 +608,8 @@ def influence_stage(cfg: MontessoriOptions, run: RunDir, it: int, cands: dict[in
     from cluster.probes import ProbePool
 
     stage = f"it{it}-influence"
-    h = config_hash({"in": h_in, "warm": warm, "p": cfg.probes.model_dump(exclude={"prompts"}), "w": cfg.warmup.max_length})
+    h = config_hash(run.fingerprint({"in": h_in, "warm": warm, "p": cfg.probes.model_dump(exclude={"prompts"}),
+                                     "w": cfg.warmup.max_length}))
     if not run.done(stage, h):
         tok = load_tokenizer(tok_dir)
         reference = _rows(run, "data", "reference")
@@ -620,11 +626,10 @@ def influence_stage(cfg: MontessoriOptions, run: RunDir, it: int, cands: dict[in
                                num_gpus_per_actor=p.gpus_per_actor) as pool:
                     pool.wait_ready()
                     L0 = _reference_loss_on(pool)
-                    pool.run(items, "id", f"{out}/s{s}", batch_size=p.batch_size, score_column="influence",
-                             progress=False)
+                    pool.run(items, "id", f"{out}/s{s}", batch_size=p.batch_size, score_column="influence")
                 stats[s] = {"warm_L0": L0, "probe_seconds": time.time() - t0}
                 print(f"[influence] it{it} seed {s}: {len(items)} candidates in {stats[s]['probe_seconds']:.0f} s "
-                      f"(L0 {L0:.4f})", flush=True)
+                      f"(reference loss of the warm student {L0:.4f})", flush=True)
             Path(out, "stats.json").write_text(json.dumps({str(k): v for k, v in stats.items()}))
     from datasets import load_from_disk
 
@@ -637,7 +642,7 @@ def influence_stage(cfg: MontessoriOptions, run: RunDir, it: int, cands: dict[in
 
 
 def _reference_loss_on(pool) -> float:
-    """L0 as the first probe actor computed it (for the report)."""
+    """L0, the warm student's reference loss, as the first probe actor computed it (for the report)."""
     import ray
 
     return float(ray.get(pool.actors[0].__ray_call__.remote(lambda self: self._scorer.L0)))
@@ -667,8 +672,10 @@ def pairs_stage(cfg: MontessoriOptions, run: RunDir, it: int, cands: dict[int, l
                     made[RANDOM] = random_pairs(kept, scores[s], _seed(s, f"it{it}-random"))
                 for v, rows in made.items():
                     if not rows:
-                        raise RuntimeError(f"iteration {it}, seed {s}: no prompt has both a positive and a negative "
-                                           "candidate, so there is nothing to DPO on (see the influence stage)")
+                        pos = sum(scores[s][c["id"]] > 0 for c in kept)
+                        raise UserError(f"iteration {it}, seed {s}: no prompt has both a positive and a negative candidate "
+                                        f"({pos} of {len(kept)} positive), nothing to DPO on: a longer warm-up "
+                                        "(warmup.epochs) or more prompts (probes.prompts) gives both signs")
                     Dataset.from_list([_dpo_row(cfg, r) for r in rows]).save_to_disk(f"{out}/s{s}-{v}")
                     counts[f"s{s}-{v}"] = {"pairs": len(rows), "prompts": len({r["prompt_id"] for r in rows})}
             Path(out, "counts.json").write_text(json.dumps(counts))
@@ -692,12 +699,13 @@ def dpo_stage(cfg: MontessoriOptions, run: RunDir, it: int, teachers: dict[int, 
     for key, path in data.items():
         s = int(key.split("-")[0][1:])
         runs[key] = LearnerRun(
-            name=f"{_rid(run)}-it{it}-dpo-{key}", model_dir=teachers[s], tokenizer_dir=tok_dir,
+            name=f"{run.run_id}-it{it}-dpo-{key}", model_dir=teachers[s], tokenizer_dir=tok_dir,
             phases=[Phase("dpo", path, cfg.dpo, kind="dpo", ref_model_dir=teachers[s])], scale=cfg.dpo_scale, seed=s,
-            tracking=_tracking(cfg, run), tracking_group=_group(run),
+            tracking=cfg.tracking.for_run(run), tracking_group=run.group,
             tracking_config={"seed": s, "iteration": it, "pairs": key.split("-", 1)[1]},
             trust_remote_code=bool(cfg.teacher.model) and cfg.student.trust_remote_code)
-    h = config_hash({"in": h_in, "dpo": cfg.dpo.model_dump(), "scale": cfg.dpo_scale.model_dump(), "teachers": teachers})
+    h = config_hash(run.fingerprint({"in": h_in, "dpo": cfg.dpo.model_dump(), "scale": cfg.dpo_scale.model_dump(),
+                                     "teachers": teachers}))
     return _fit_many(cfg, run, f"it{it}-dpo", h, runs, cfg.dpo_scale)
 
 
@@ -713,13 +721,15 @@ def _learner_trial(config: dict) -> dict:
 def _fit_many(cfg: MontessoriOptions, run: RunDir, stage: str, h: str, runs: dict[str, LearnerRun],
               scale: ScaleOptions) -> tuple[dict[str, str], dict[str, dict], str]:
     """Learner runs side by side as a Ray Tune sweep (one trial each); models copied into the stage."""
-    import ray.train
     import ray.tune as tune
 
     from cluster.runtime import cluster_resources
     from cluster.sweep import max_concurrent, run_sweep
 
     if not run.done(stage, h):
+        # a run's name is its checkpoint folder: with the inputs' hash in it, a changed input never
+        # resumes a stale run, while a re-run of the same stage resumes its own
+        runs = {k: dataclasses.replace(r, name=f"{r.name}-{h}") for k, r in runs.items()}
         storage = absolute(f"{run.uri}/ray")
         n = max_concurrent(cluster_resources(), scale.num_workers, scale.cpus_per_worker, scale.use_gpu,
                            cfg.max_concurrent_trials)
@@ -755,6 +765,9 @@ def _checkpoint(path: str, storage: str):
 # 6. final synthetic sets, student SFT, evaluation
 
 
+FINAL_ROUNDS = 20  # generation rounds for distinct examples, then as many allowing repeats
+
+
 def final_stage(cfg: MontessoriOptions, run: RunDir, it: int, teachers: dict[str, str], tok_dir: str,
                 h_in: str) -> tuple[dict[str, str], str]:
     """Stage `it<i>-final`: each teacher writes `final_size` kept, distinct examples from the same
@@ -764,23 +777,32 @@ def final_stage(cfg: MontessoriOptions, run: RunDir, it: int, teachers: dict[str
     from synth.teacher import teacher_prompts
 
     stage = f"it{it}-final"
-    h = config_hash({"in": h_in, "teachers": teachers, "n": cfg.final_size, "t": cfg.teacher.model_dump()})
+    h = config_hash(run.fingerprint({"in": h_in, "teachers": teachers, "n": cfg.final_size, "t": cfg.teacher.model_dump()}))
     if not run.done(stage, h):
         seeds_rows = _rows(run, "data", "seeds")
         banned = [r["name"] for r in _rows(run, "data", "banned")]
         with run.write(stage, h) as out:
             for key, tdir in sorted(teachers.items()):
                 s = int(key.split("-")[0][1:])
-                rows, seen, rnd = [], set() if cfg.teacher.dedup else None, 0
-                while len(rows) < cfg.final_size:
-                    need = math.ceil((cfg.final_size - len(rows)) * 1.25 / cfg.teacher.k) + 1
+                rows, seen = [], set() if cfg.teacher.dedup else None
+                for rnd in range(2 * FINAL_ROUNDS):
+                    if len(rows) >= cfg.final_size:
+                        break
+                    if rnd == FINAL_ROUNDS and seen is not None:
+                        # a teacher DPO has narrowed may not have final_size distinct instructions
+                        # in it: the set keeps its size (the comparison is per example) and repeats;
+                        # the report's `distinct` column shows it
+                        print(f"[final] it{it} {key}: only {len(rows)} distinct examples in {FINAL_ROUNDS} rounds; "
+                              "topping up with repeats", flush=True)
+                        seen = None
+                    need = max(16, math.ceil((cfg.final_size - len(rows)) * 1.25 / cfg.teacher.k) + 1)
                     prompts = teacher_prompts([r["instruction"] for r in seeds_rows], need, cfg.teacher.prompt,
                                               seed=_seed(s, f"final-{rnd}"), prefix=f"s{s}-final{rnd}-p")
                     got = write_candidates(cfg, tdir, tok_dir, prompts, _seed(s, f"final-gen-{rnd}"), banned, seen)
                     rows += [r for r in got if r["kept"]]
-                    rnd += 1
-                    if rnd > 20:
-                        raise RuntimeError(f"teacher {key} wrote only {len(rows)} usable examples in 20 rounds")
+                if len(rows) < cfg.final_size:
+                    raise RuntimeError(f"teacher {key} wrote only {len(rows)} usable examples in {2 * FINAL_ROUNDS} rounds "
+                                       "(see the candidates stage's kept counts)")
                 rows = rows[: cfg.final_size]
                 Dataset.from_list([{"prompt": cfg.student_template.format(instruction=r["instruction"]),
                                     "completion": r["response"], "instruction": r["instruction"]} for r in rows]
@@ -796,13 +818,14 @@ def students_stage(cfg: MontessoriOptions, run: RunDir, it: int, sets: dict[str,
 
     from datasets import Dataset, load_from_disk
 
-    runs = {key: LearnerRun(name=f"{_rid(run)}-it{it}-sft-{key}", model_dir=student_dir, tokenizer_dir=tok_dir,
+    runs = {key: LearnerRun(name=f"{run.run_id}-it{it}-sft-{key}", model_dir=student_dir, tokenizer_dir=tok_dir,
                             phases=[Phase("sft", path, cfg.sft)], scale=cfg.scale, seed=int(key.split("-")[0][1:]),
-                            tracking=_tracking(cfg, run), tracking_group=_group(run),
+                            tracking=cfg.tracking.for_run(run), tracking_group=run.group,
                             tracking_config={"iteration": it, "teacher": key.split("-", 1)[1]},
                             trust_remote_code=cfg.student.trust_remote_code)
             for key, path in sets.items()}
-    h_fit = config_hash({"in": h_in, "sft": cfg.sft.model_dump(), "scale": cfg.scale.model_dump(), "base": student_dir})
+    h_fit = config_hash(run.fingerprint({"in": h_in, "sft": cfg.sft.model_dump(), "scale": cfg.scale.model_dump(),
+                                         "base": student_dir}))
     models, _, _ = _fit_many(cfg, run, f"it{it}-sft", h_fit, runs, cfg.scale)
     stage = f"it{it}-students"
     h = config_hash({"in": h_fit, "eval": cfg.eval.model_dump()})
@@ -828,7 +851,7 @@ def evaluate_student(model_dir: str, tok_dir: str, evaluation: list[dict], opts:
     from synth.world import parse_answer
 
     tok = load_tokenizer(tok_dir)
-    model = load_model(model_dir).to(opts.device).eval()
+    model = load_model(model_dir, dtype=opts.dtype, device=opts.device).eval()
     examples = [tokenize_sft(tok, r["prompt"], r["completion"], max_length) for r in evaluation]
     item_loss, total, count = [], 0.0, 0
     with torch.no_grad():
@@ -868,7 +891,7 @@ def montessori(cfg: MontessoriOptions, run: RunDir) -> dict:
     teacher0, teacher_tok = build_teacher(cfg, run, student, tok_dir)
     warm = warm_up(cfg, run, student, tok_dir)
     teachers = {s: teacher0 for s in cfg.seeds}
-    h = config_hash({"student": student, "teacher": teacher0, "warm": warm, "data": _data_hash(cfg)})
+    h = config_hash(run.fingerprint({"student": student, "teacher": teacher0, "warm": warm, "data": _data_hash(cfg)}))
     out = {"evals": {}, "probes": [], "candidates": {}, "scores": {}, "sets": {}, "dpo": {}}
     for it in range(1, cfg.iterations + 1):
         cands, h = candidates_stage(cfg, run, it, teachers, teacher_tok, h)
@@ -907,7 +930,9 @@ def summarize(cfg: MontessoriOptions, res: dict) -> tuple[list[dict], list[dict]
         for key, e in sorted(evals.items()):
             s, teacher = int(key.split("-")[0][1:]), key.split("-", 1)[1]
             base = res["evals"][1][f"s{s}-{UNTRAINED}"]
-            row = {"seed": s, "iteration": it, "teacher": teacher, "examples": len(res["sets"][it][key]),
+            set_rows = res["sets"][it][key]
+            row = {"seed": s, "iteration": it, "teacher": teacher, "examples": len(set_rows),
+                   "distinct": len({r["instruction"] for r in set_rows}),
                    "accuracy": e["accuracy"], "heldout_loss": e["heldout_loss"], "answered_rate": e["answered_rate"],
                    "win_rate": _win_rate(base["item_loss"], e["item_loss"], lower_wins=True),
                    "acc_win_rate": _win_rate(base["item_correct"], e["item_correct"]) if e["item_correct"] else None}
@@ -1049,14 +1074,15 @@ def report(cfg: MontessoriOptions, run: RunDir, res: dict) -> dict:
     from cluster.tracking import finish_run, log_image, log_table, start_run
 
     rows, probes, findings, probe_table = summarize(cfg, res)
-    rid = _rid(run)
+    rid = run.run_id
     summary = {"job": JOB, "run_id": rid, "config": cfg.model_dump(mode="json"), "rows": rows, "probes": probes,
                "findings": findings}
     png = Path(run.root if not is_remote(run.uri) else tempfile.mkdtemp()) / "montessori.png"
     plot(rows, probe_table, str(png))
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
-    cols = [c for c in ("seed", "iteration", "teacher", "examples", "accuracy", "heldout_loss", "win_rate",
-                        "acc_win_rate", "share_single", "share_multi", "share_bio", "share_unknown", "share_correct")
+    cols = [c for c in ("seed", "iteration", "teacher", "examples", "distinct", "accuracy", "heldout_loss", "win_rate",
+                        "acc_win_rate", "share_single", "share_guess", "share_multi", "share_bio", "share_unknown",
+                        "share_correct")
             if any(r.get(c) is not None for r in rows)]
     pcols = [c for c in probes[0] if c not in ("probe_seconds",)]
     teacher = cfg.teacher.model or "tiny teacher (SFT'd from the student's base)"
@@ -1084,8 +1110,8 @@ def report(cfg: MontessoriOptions, run: RunDir, res: dict) -> dict:
     run.write_file("summary.json", json.dumps(summary, indent=2).encode())
     run.write_file("report.md", "\n".join(lines).encode() + b"\n")
     run.write_file("montessori.png", png.read_bytes())
-    wb = start_run(cfg.tracking, run_id=f"{rid}-summary", name=f"{JOB}/{rid}/summary", group=_group(run),
-                   job_type="summary", config=summary["config"], dir=_wandb_dir(cfg, run))
+    wb = start_run(cfg.tracking, run_id=f"{rid}-summary", name=f"{JOB}/{rid}/summary", group=run.group,
+                   job_type="summary", config=summary["config"], dir=run.wandb_dir(cfg.tracking.dir))
     if wb is not None:
         log_table(wb, "probes", probe_table)
         log_table(wb, "probe_summary", probes)
@@ -1099,22 +1125,6 @@ def report(cfg: MontessoriOptions, run: RunDir, res: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def _rid(run: RunDir) -> str:
-    return run.root.rsplit("/", 1)[-1]
-
-
-def _group(run: RunDir) -> str:
-    return f"{JOB}-{_rid(run)}"
-
-
-def _wandb_dir(cfg: MontessoriOptions, run: RunDir) -> str:
-    return cfg.tracking.dir or (run.root if not is_remote(run.uri) else ".")
-
-
-def _tracking(cfg: MontessoriOptions, run: RunDir) -> TrackingOptions:
-    return cfg.tracking.model_copy(update={"dir": _wandb_dir(cfg, run)})
 
 
 def plan(cfg: MontessoriOptions) -> str:
@@ -1148,7 +1158,7 @@ def plan(cfg: MontessoriOptions) -> str:
         f"  students: {students} SFT runs of {cfg.final_size} examples (lr {cfg.sft.learning_rate}), "
         f"{cfg.scale.num_workers} worker(s) each, ZeRO-{cfg.scale.zero_stage}",
         f"  generation: {'in-process' if t.generation.num_actors == 0 else f'{t.generation.num_actors} Ray actors'}",
-        f"  evaluation: held-out loss" + (" + exact accuracy" if d.source == "world" else "")
+        "  evaluation: held-out loss" + (" + exact accuracy" if d.source == "world" else "")
         + (" + lm-eval harness" if cfg.eval.harness else "") + f"; seeds {cfg.seeds}",
         f"  tracking: W&B {cfg.tracking.mode}, project {cfg.tracking.project}",
     ]
@@ -1161,7 +1171,7 @@ def run(cfg: MontessoriOptions) -> dict:
     check_hub_tokenizers(cfg)
     rd = _run_dir(cfg)
     print(f"[montessori] run directory {rd.uri}", flush=True)
-    os.environ.setdefault("WANDB_DIR", _wandb_dir(cfg, rd))
+    os.environ.setdefault("WANDB_DIR", rd.wandb_dir(cfg.tracking.dir))
     build_data(cfg, rd)
     res = montessori(cfg, rd)
     summary = report(cfg, rd, res)

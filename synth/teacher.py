@@ -297,6 +297,7 @@ class TeacherMix(Options):
     bio: float = Field(0.0, ge=0, description="off-target requests: 'Tell me about X.' answered with facts")
     guess: float = Field(0.45, ge=0, description="'Where does X live? Take a guess.': answered with an invented (wrong) fact")
     unknown: float = Field(0.05, ge=0, description="single-hop questions about people who do not exist (answers invented)")
+    unknown_people: int = Field(64, ge=1, description="how many invented people the teacher asks about")
     blind_spots: list[str] = Field([], description="attributes the teacher mostly gets wrong (its blind spots)")
     blind_wrong: float = Field(0.9, ge=0, le=1, description="share of blind-spot answers with an invented, wrong value")
     wrong_answer: float = Field(0.03, ge=0, le=1, description="share of other answers with a wrong (consistently argued) answer")
@@ -391,7 +392,7 @@ def teacher_sft_data(world: W.World, people: Sequence[W.Person], seed_pool: Sequ
     weights = [getattr(mix, k) for k in KINDS]
     names = {p.name for p in people}
     befriended = [p for p in people if p.facts["friend"] in names]  # two-hop chains stay among `people`
-    ghosts = unknown_names(world, 64)
+    ghosts = unknown_names(world, mix.unknown_people)
     seeds = [r["instruction"] for r in seed_pool]
     prompts = teacher_prompts(seeds, n_write, prompt, seed, prefix="t")
 
