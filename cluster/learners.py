@@ -18,6 +18,7 @@ distributed runs too (see STACK.md).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -189,8 +190,19 @@ class _Progress(TrainerCallback):
         self.run_name, self.phase_index, self.phase, self.rank = run_name, phase_index, phase, rank
         self.metrics = metrics  # earlier phases' results travel in every checkpoint
         self.t0 = time.time()
+        self.marks: list[tuple[float, float]] = []  # (time, tokens seen) at each loss log
+
+    def steady_tokens_per_s(self) -> float:
+        """Tokens/s from the first loss log to the last: the training loop without its start-up
+        (DDP/DeepSpeed wrapping, first-step allocations, Ray actors still starting beside it)."""
+        if len(self.marks) < 2 or self.marks[-1][0] <= self.marks[0][0]:
+            return float("nan")
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return (n1 - n0) / (t1 - t0)
 
     def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs and "num_tokens" in logs:
+            self.marks.append((time.time(), float(logs["num_tokens"])))
         if self.rank == 0 and logs and "loss" in logs:
             rate = state.global_step / max(time.time() - self.t0, 1e-9)
             print(f"[{self.run_name}:{self.phase}] step {state.global_step}/{state.max_steps} "
@@ -265,7 +277,8 @@ def train_worker(config: dict) -> None:
                                 group=run.tracking_group, job_type=phase.name,
                                 config={**run.tracking_config, "phase": phase.name, **phase.options.model_dump()},
                                 dir=run.tracking.dir)
-        callbacks = [_Progress(run.name, i, phase.name, rank, dict(metrics)), WandbTrainerCallback(tracker)]
+        progress = _Progress(run.name, i, phase.name, rank, dict(metrics))
+        callbacks = [progress, WandbTrainerCallback(tracker)]
         args = _trainer_args(run, phase, out_dir)
         model = load_model(model_dir, trust_remote_code=run.trust_remote_code)
         data = load_from_disk(phase.data_dir)
@@ -299,6 +312,8 @@ def train_worker(config: dict) -> None:
             metrics[f"{phase.name}/train_loss"] = last("train_loss")
             metrics[f"{phase.name}/train_runtime_s"] = last("train_runtime")  # the training loop alone
             metrics[f"{phase.name}/train_tokens"] = last("num_tokens")
+            if not math.isnan(steady := progress.steady_tokens_per_s()):
+                metrics[f"{phase.name}/steady_tokens_per_s"] = steady
             if tracker is not None:
                 tracker.log({k: v for k, v in metrics.items() if k.startswith(phase.name + "/")})
         finish_run(tracker)
