@@ -133,10 +133,7 @@ class RunDir:
         return configured or (self.root if not is_remote(self.uri) else ".")
 
     def done(self, stage: str, config_hash: str) -> bool:
-        manifest = f"{self.path(stage)}/{MANIFEST}"
-        if not self.fs.exists(manifest):
-            return False
-        return json.loads(self.fs.cat_file(manifest)).get("config_hash") == config_hash
+        return self.stage_hash(stage) == config_hash
 
     @contextlib.contextmanager
     def write(self, stage: str, config_hash: str) -> Iterator[str]:

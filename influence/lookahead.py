@@ -170,16 +170,9 @@ def load_warm(path: str | Path, device: str = "cpu", dtype: torch.dtype | None =
     count come from the warm-up (the paper's code relies on the same; a fresh AdamW alone would
     silently step at the default lr 1e-3). Weights are read from safetensors, the optimizer state
     with weights_only=True."""
-    from transformers import AutoModelForCausalLM
+    from cluster.models import load_model
 
-    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation, "use_safetensors": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    if device == "auto":
-        kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if device != "auto":
-        model.to(device)
+    model = load_model(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
     optimizer = torch.optim.AdamW(model.parameters())
     optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", weights_only=True, map_location="cpu"))
     return WarmState(model, optimizer)
@@ -229,6 +222,14 @@ class ExactScorer:
 # ----------------------------------------------------------------------------- fast estimate
 
 
+def _moments(p: Tensor, st: Mapping[str, Any]) -> tuple[Tensor, Tensor, float]:
+    """AdamW's (exp_avg, exp_avg_sq, step) for parameter p; zeros before its first step."""
+    if st:
+        return st["exp_avg"], st["exp_avg_sq"], float(st["step"])
+    zero = torch.zeros_like(p)
+    return zero, zero, 0.0
+
+
 def _adam_direction(
     g: Tensor, p: Tensor, st: Mapping[str, Any], group: Mapping[str, Any], g2: Tensor | None = None
 ) -> Tensor:
@@ -242,11 +243,7 @@ def _adam_direction(
     if group.get("amsgrad") or group.get("maximize") or (group["weight_decay"] and not group.get("decoupled_weight_decay")):
         raise NotImplementedError("approx_influence supports plain AdamW (no amsgrad, maximize or L2 weight decay)")
     b1, b2 = group["betas"]
-    if st:
-        m, v, t = st["exp_avg"], st["exp_avg_sq"], float(st["step"])
-    else:
-        m = v = torch.zeros_like(p)
-        t = 0.0
+    m, v, t = _moments(p, st)
     m2 = b1 * m + (1 - b1) * g
     v2 = b2 * v + (1 - b2) * (g * g if g2 is None else g2)
     bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
@@ -261,11 +258,7 @@ def _adam_dots(g: Tensor, p: Tensor, st: Mapping[str, Any], group: Mapping[str, 
       = (1-b1) (g + b1 m/(1-b1)) / (sqrt((1-b2)/bc2) sqrt(g^2 + b2 v/(1-b2)) + eps)
     """
     b1, b2 = group["betas"]
-    if st:
-        m, v, t = st["exp_avg"], st["exp_avg_sq"], float(st["step"])
-    else:
-        m = v = torch.zeros_like(p)
-        t = 0.0
+    m, v, t = _moments(p, st)
     bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
     d = g.square()
     d.add_(v, alpha=b2 / (1 - b2)).sqrt_().mul_(math.sqrt((1 - b2) / bc2)).add_(group["eps"])

@@ -537,18 +537,21 @@ def _make_generator(teacher_dir: str, tok_dir: str, cfg: MontessoriOptions, bann
                             batch_size=g.batch_size * cfg.teacher.k)
 
 
-def write_candidates(cfg: MontessoriOptions, teacher_dir: str, tok_dir: str, prompts: list[dict], seed: int,
-                     banned: list[str], seen: set[str] | None) -> list[dict]:
-    """k candidates per prompt from one teacher. As the paper drops near-duplicates, a candidate is
-    dropped when it copies one of its prompt's in-context instructions or an earlier candidate of
-    the same prompt, or (with `seen`, a set carried across calls) any earlier instruction."""
-    from synth.teacher import generate_candidates
+def open_teacher(cfg: MontessoriOptions, teacher_dir: str, tok_dir: str, banned: list[str]):
+    """One teacher, loaded once (in the driver or on `teacher.generation.num_actors` actors) for
+    every `write_candidates` call made inside the `with` block."""
+    from synth.teacher import open_generator
 
     g = cfg.teacher.generation
-    make = functools.partial(_make_generator, teacher_dir, tok_dir, cfg, banned)
-    rows = generate_candidates(make, prompts, cfg.teacher.k, seed, num_actors=g.num_actors,
-                               num_cpus_per_actor=g.cpus_per_actor, num_gpus_per_actor=g.gpus_per_actor,
-                               batch_size=g.batch_size)
+    return open_generator(functools.partial(_make_generator, teacher_dir, tok_dir, cfg, banned), g.num_actors,
+                          g.cpus_per_actor, g.gpus_per_actor, g.batch_size)
+
+
+def write_candidates(cfg: MontessoriOptions, write, prompts: list[dict], seed: int, seen: set[str] | None) -> list[dict]:
+    """k candidates per prompt from an `open_teacher` writer. As the paper drops near-duplicates, a
+    candidate is dropped when it copies one of its prompt's in-context instructions or an earlier
+    candidate of the same prompt, or (with `seen`, a set carried across calls) any earlier instruction."""
+    rows = write(prompts, cfg.teacher.k, seed)
     shown = {p["prompt_id"]: set(p["examples"]) for p in prompts}
     for r in rows:
         if r["kept"] and (r["instruction"] in shown[r["prompt_id"]] or (seen is not None and r["instruction"] in seen)):
@@ -576,7 +579,8 @@ def candidates_stage(cfg: MontessoriOptions, run: RunDir, it: int, teachers: dic
             for s in cfg.seeds:
                 prompts = teacher_prompts([r["instruction"] for r in seeds_rows], cfg.probes.prompts, cfg.teacher.prompt,
                                           seed=_seed(s, f"it{it}-probe"), prefix=f"s{s}-it{it}-p")
-                rows = write_candidates(cfg, teachers[s], tok_dir, prompts, _seed(s, f"it{it}-gen"), banned, None)
+                with open_teacher(cfg, teachers[s], tok_dir, banned) as write:
+                    rows = write_candidates(cfg, write, prompts, _seed(s, f"it{it}-gen"), None)
                 Dataset.from_list(rows).save_to_disk(f"{out}/s{s}")
                 print(f"[candidates] it{it} seed {s}: {sum(r['kept'] for r in rows)}/{len(rows)} kept", flush=True)
     return {s: _rows(run, stage, f"s{s}") for s in cfg.seeds}, h
@@ -774,8 +778,6 @@ def final_stage(cfg: MontessoriOptions, run: RunDir, it: int, teachers: dict[str
     prompts and sampling seed as every other teacher of that seed (only the teacher differs)."""
     from datasets import Dataset
 
-    from synth.teacher import teacher_prompts
-
     stage = f"it{it}-final"
     h = config_hash(run.fingerprint({"in": h_in, "teachers": teachers, "n": cfg.final_size, "t": cfg.teacher.model_dump()}))
     if not run.done(stage, h):
@@ -784,22 +786,8 @@ def final_stage(cfg: MontessoriOptions, run: RunDir, it: int, teachers: dict[str
         with run.write(stage, h) as out:
             for key, tdir in sorted(teachers.items()):
                 s = int(key.split("-")[0][1:])
-                rows, seen = [], set() if cfg.teacher.dedup else None
-                for rnd in range(2 * FINAL_ROUNDS):
-                    if len(rows) >= cfg.final_size:
-                        break
-                    if rnd == FINAL_ROUNDS and seen is not None:
-                        # a teacher DPO has narrowed may not have final_size distinct instructions
-                        # in it: the set keeps its size (the comparison is per example) and repeats;
-                        # the report's `distinct` column shows it
-                        print(f"[final] it{it} {key}: only {len(rows)} distinct examples in {FINAL_ROUNDS} rounds; "
-                              "topping up with repeats", flush=True)
-                        seen = None
-                    need = max(16, math.ceil((cfg.final_size - len(rows)) * 1.25 / cfg.teacher.k) + 1)
-                    prompts = teacher_prompts([r["instruction"] for r in seeds_rows], need, cfg.teacher.prompt,
-                                              seed=_seed(s, f"final-{rnd}"), prefix=f"s{s}-final{rnd}-p")
-                    got = write_candidates(cfg, tdir, tok_dir, prompts, _seed(s, f"final-gen-{rnd}"), banned, seen)
-                    rows += [r for r in got if r["kept"]]
+                with open_teacher(cfg, tdir, tok_dir, banned) as write:
+                    rows = _final_rows(cfg, write, seeds_rows, s, f"it{it} {key}")
                 if len(rows) < cfg.final_size:
                     raise RuntimeError(f"teacher {key} wrote only {len(rows)} usable examples in {2 * FINAL_ROUNDS} rounds "
                                        "(see the candidates stage's kept counts)")
@@ -809,6 +797,28 @@ def final_stage(cfg: MontessoriOptions, run: RunDir, it: int, teachers: dict[str
                                   ).save_to_disk(f"{out}/{key}")
                 print(f"[final] it{it} {key}: {len(rows)} examples", flush=True)
     return {k: f"{run.local(stage)}/{k}" for k in teachers}, h
+
+
+def _final_rows(cfg: MontessoriOptions, write, seeds_rows: list[dict], s: int, label: str) -> list[dict]:
+    """Kept examples from one teacher, round after round of fresh prompts, until `final_size`."""
+    from synth.teacher import teacher_prompts
+
+    rows, seen = [], set() if cfg.teacher.dedup else None
+    for rnd in range(2 * FINAL_ROUNDS):
+        if len(rows) >= cfg.final_size:
+            break
+        if rnd == FINAL_ROUNDS and seen is not None:
+            # a teacher DPO has narrowed may not have final_size distinct instructions in it: the
+            # set keeps its size (the comparison is per example) and repeats; the report's
+            # `distinct` column shows it
+            print(f"[final] {label}: only {len(rows)} distinct examples in {FINAL_ROUNDS} rounds; "
+                  "topping up with repeats", flush=True)
+            seen = None
+        need = max(16, math.ceil((cfg.final_size - len(rows)) * 1.25 / cfg.teacher.k) + 1)
+        prompts = teacher_prompts([r["instruction"] for r in seeds_rows], need, cfg.teacher.prompt,
+                                  seed=_seed(s, f"final-{rnd}"), prefix=f"s{s}-final{rnd}-p")
+        rows += [r for r in write_candidates(cfg, write, prompts, _seed(s, f"final-gen-{rnd}"), seen) if r["kept"]]
+    return rows
 
 
 def students_stage(cfg: MontessoriOptions, run: RunDir, it: int, sets: dict[str, str], student_dir: str,

@@ -107,7 +107,7 @@ class ReasoningWriter:
         dtype = torch.bfloat16 if self.device == "cuda" else None
         self.tok = load_tokenizer(model, trust_remote_code)
         self.tok.padding_side = "left"
-        self.model = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.model = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, device=self.device).eval()
         self.kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
                        top_p=top_p if temperature > 0 else None, pad_token_id=self.tok.pad_token_id)
         torch.manual_seed(seed)

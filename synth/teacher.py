@@ -26,9 +26,10 @@ knows, and its answers are sometimes wrong or malformed.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from pydantic import Field, field_validator
 
@@ -141,7 +142,7 @@ class TeacherGenerator:
         if threads:
             torch.set_num_threads(threads)
         self.tok = load_tokenizer(tokenizer_dir)
-        self.model = load_model(model_dir, dtype=getattr(torch, dtype) if dtype else None).to(device).eval()
+        self.model = load_model(model_dir, dtype=dtype, device=device).eval()
         self.prompt, self.inst, self.resp = prompt, instruction, response
         self.banned = list(banned_names)
         self.device, self.batch_size = device, batch_size
@@ -203,30 +204,45 @@ def _prompt_seed(seed: int, key: str) -> int:
     return random.Random(f"{seed}-{key}").randrange(2**31)
 
 
-def generate_candidates(make_generator: Callable[[], TeacherGenerator], prompt_rows: list[dict], k: int, seed: int,
-                        num_actors: int = 0, num_cpus_per_actor: float = 1, num_gpus_per_actor: float = 0,
-                        batch_size: int = 16) -> list[dict]:
-    """k candidates per prompt, in prompt order: in-process (num_actors=0) or on Ray actors.
+@contextlib.contextmanager
+def open_generator(make_generator: Callable[[], TeacherGenerator], num_actors: int = 0, num_cpus_per_actor: float = 1,
+                   num_gpus_per_actor: float = 0, batch_size: int = 16) -> Iterator[Callable[[list[dict], int, int], list[dict]]]:
+    """A teacher loaded once, in-process (num_actors=0) or on Ray actors, for any number of
+    `write(prompt_rows, k, seed)` calls, each giving k candidates per prompt in prompt order.
 
-    The actors each call `make_generator()` once (the teacher is loaded once per actor) and take
-    batches of prompts from a queue (`ray.util.ActorPool`), so a slow actor never holds up the rest.
+    The actors each call `make_generator()` once and take batches of prompts from a queue
+    (`ray.util.ActorPool`), so a slow actor never holds up the rest.
     """
-    batches = [prompt_rows[i:i + batch_size] for i in range(0, len(prompt_rows), batch_size)]
+    def split(prompt_rows: list[dict]) -> list[list[dict]]:
+        return [prompt_rows[i:i + batch_size] for i in range(0, len(prompt_rows), batch_size)]
+
     if num_actors == 0:
         gen = make_generator()
-        return [row for b in batches for row in gen.generate(b, k, seed)]
+        yield lambda prompt_rows, k, seed: [row for b in split(prompt_rows) for row in gen.generate(b, k, seed)]
+        return
     import ray
     from ray.util import ActorPool
 
     cls = ray.remote(_GeneratorActor).options(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)
-    actors = [cls.remote(make_generator) for _ in range(min(num_actors, len(batches)))]
+    actors = [cls.remote(make_generator) for _ in range(num_actors)]
+
+    def write(prompt_rows: list[dict], k: int, seed: int) -> list[dict]:
+        results = ActorPool(actors).map(lambda a, b: a.generate.remote(b, k, seed), split(prompt_rows))
+        return [row for part in results for row in part]
+
     try:
-        pool = ActorPool(actors)
-        results = list(pool.map(lambda a, b: a.generate.remote(b, k, seed), batches))
+        yield write
     finally:
         for a in actors:
             ray.kill(a)
-    return [row for part in results for row in part]
+
+
+def generate_candidates(make_generator: Callable[[], TeacherGenerator], prompt_rows: list[dict], k: int, seed: int,
+                        num_actors: int = 0, num_cpus_per_actor: float = 1, num_gpus_per_actor: float = 0,
+                        batch_size: int = 16) -> list[dict]:
+    """One `open_generator` call: k candidates per prompt, in prompt order."""
+    with open_generator(make_generator, num_actors, num_cpus_per_actor, num_gpus_per_actor, batch_size) as write:
+        return write(prompt_rows, k, seed)
 
 
 class _GeneratorActor:
@@ -441,22 +457,15 @@ def classify(world: W.World, instruction: str, response: str) -> dict:
             f = world.by_name(p.facts["friend"])
             truth = W.format_response([W.fact(p.name, "friend", f.name), W.fact(f.name, attr, f.facts[attr])], f.facts[attr])
             return {"kind": "multi", "correct": response == truth, "attribute": attr}
-    for attr, q in W.QUESTIONS.items():
-        m = re.fullmatch(re.escape(q).replace(re.escape("{n}"), "(.+)"), instruction)
-        if m:
-            if m.group(1) not in names:
-                return {"kind": "unknown", "correct": False, "attribute": attr}
-            p = world.by_name(m.group(1))
-            truth = W.format_response([W.fact(p.name, attr, p.facts[attr])], p.facts[attr])
-            return {"kind": "single", "correct": response == truth, "attribute": attr}
-    for attr, q in GUESSES.items():
-        m = re.fullmatch(re.escape(q).replace(re.escape("{n}"), "(.+)"), instruction)
-        if m:
-            if m.group(1) not in names:
-                return {"kind": "unknown", "correct": False, "attribute": attr}
-            p = world.by_name(m.group(1))
-            truth = W.format_response([W.fact(p.name, attr, p.facts[attr])], p.facts[attr])
-            return {"kind": "guess", "correct": response == truth, "attribute": attr}
+    for kind, templates in (("single", W.QUESTIONS), ("guess", GUESSES)):
+        for attr, q in templates.items():
+            m = re.fullmatch(re.escape(q).replace(re.escape("{n}"), "(.+)"), instruction)
+            if m:
+                if m.group(1) not in names:
+                    return {"kind": "unknown", "correct": False, "attribute": attr}
+                p = world.by_name(m.group(1))
+                truth = W.format_response([W.fact(p.name, attr, p.facts[attr])], p.facts[attr])
+                return {"kind": kind, "correct": response == truth, "attribute": attr}
     m = re.fullmatch(r"Tell me about (.+)\.", instruction)
     if m and m.group(1) in names:
         p = world.by_name(m.group(1))
