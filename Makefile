@@ -10,7 +10,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE := offline
 
-.PHONY: run test bench clean
+.PHONY: run test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ run: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
+
+# the inner loop: everything but the end-to-end jobs and multi-worker learners (about 2 minutes)
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.bench_learner

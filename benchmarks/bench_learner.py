@@ -48,17 +48,17 @@ def setup(root: Path, args) -> tuple[str, str, str, LearnerOptions, int]:
     params = sum(p.numel() for p in model.parameters())
     corpus = W.knowledge_corpus(world)
     docs = [" ".join(corpus[i : i + 3]) for i in range(0, len(corpus) - 3, 3)]  # ~150 tokens, cut to max_length
-    Dataset.from_dict({"text": docs}).save_to_disk(str(root / "data"))
+    Dataset.from_dict({"text": docs}).to_parquet(str(root / "data.parquet"))
     opts = LearnerOptions(learning_rate=3e-4, max_steps=args.steps, batch_size=args.batch, max_length=args.seq,
                           save_steps=10**6, logging_steps=1, warmup_steps=0, lr_scheduler="constant")
     print(f"model: {params / 1e6:.1f}M parameters; {args.steps} steps of {args.batch} x <= {args.seq} tokens")
-    return str(root / "model"), str(root / "tok"), str(root / "data"), opts, params
+    return str(root / "model"), str(root / "tok"), str(root / "data.parquet"), opts, params
 
 
 def bare_loop(model_dir: str, tok_dir: str, data_dir: str, opts: LearnerOptions, steps: int) -> tuple[float, int, float]:
     """Forward, backward, AdamW: nothing else. Batches come from the trainer's own dataloader.
     Returns (seconds, tokens, tokens/s after the first step)."""
-    from datasets import load_from_disk
+    from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     torch.set_num_threads(2)
@@ -67,7 +67,7 @@ def bare_loop(model_dir: str, tok_dir: str, data_dir: str, opts: LearnerOptions,
     args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=opts.batch_size, max_length=opts.max_length,
                      report_to="none", use_cpu=True, bf16=False, seed=0, data_seed=0, dataset_text_field="text",
                      disable_tqdm=True, max_steps=steps)
-    trainer = SFTTrainer(model=load_model(model_dir), args=args, train_dataset=load_from_disk(data_dir), processing_class=tok)
+    trainer = SFTTrainer(model=load_model(model_dir), args=args, train_dataset=Dataset.from_parquet(data_dir), processing_class=tok)
     batches = []
     for b in trainer.get_train_dataloader():
         batches.append({k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")})
@@ -106,13 +106,13 @@ def main() -> None:
     bare_s, bare_tokens, bare_steady = bare_loop(model_dir, tok_dir, data_dir, opts, args.steps)
 
     t = time.perf_counter()
-    init_ray(RayOptions(num_cpus=4), storage=str(root))
+    init_ray(RayOptions(num_cpus=4))
     ray_start = time.perf_counter() - t
 
-    run = LearnerRun(name="bench", model_dir=model_dir, tokenizer_dir=tok_dir, phases=[Phase("sft", data_dir, opts)],
-                     scale=ScaleOptions(num_workers=1, cpus_per_worker=2, max_failures=0))
+    run = LearnerRun(name="bench", model=model_dir, tokenizer=tok_dir, phases=[Phase("sft", data_dir, opts)],
+                     scale=ScaleOptions(num_workers=1, cpus_per_worker=2, max_failures=0), output=str(root / "out"))
     t = time.perf_counter()
-    metrics, _ = fit(run, str(root / "ray"))
+    metrics = fit(run, str(root / "ray")).metrics
     fit_wall = time.perf_counter() - t
     learner_s = metrics["sft/train_runtime_s"]
     learner_tokens = metrics["sft/train_tokens"]

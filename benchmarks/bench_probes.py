@@ -125,7 +125,7 @@ def pool_run(num_actors: int, warm_dir: str, ref, ref_batch: int, cands, out_dir
     best, cores = float("inf"), 0.0
     try:
         for k in range(repeat):  # a fresh out_dir each time, or the run would resume and skip all
-            ds = pool.run(cands, id_column="id", out_dir=out_dir / str(k), batch_size=4, progress=False)
+            ds = pool.run(cands, id_column="id", out=str(out_dir / str(k)), batch_size=4, progress=False)
             if pool.stats["seconds"] < best:
                 best, cores = pool.stats["seconds"], pool.stats["actor_cpu_seconds"] / pool.stats["seconds"]
     finally:

@@ -1,18 +1,25 @@
-"""Learners: Ray Train V2 runs whose workers train with TRL (SFT or DPO) under DeepSpeed.
+"""Learners: Ray Train V2 runs whose workers train with a registered objective under DeepSpeed.
 
 A learner run is a list of *phases* trained one after another on the same weights (pretraining,
-then SFT, then recovery SFT, say). Each phase is a TRL trainer built on every worker with a
+then SFT, then recovery SFT, say). Each phase names its *objective*: a factory, looked up in a
+registry, that builds a HF/TRL trainer on every worker. TRL's SFT and DPO trainers are the first
+two entries; an experiment registers its own (a TRL trainer subclass, a loss hook) from its own
+package with `register_objective`, so this module never learns the science. Every trainer gets a
 DeepSpeed config derived from the preset (ZeRO stage, bf16, offload); on CPU the same code runs
-over gloo. Checkpoints go through `ray.train.report`:
+over gloo.
+
+Weights travel through storage, never through one node's disk: each phase's final model is written
+(by rank 0, after ZeRO-3 gathers it) to `<output>/<phase>`, a storage URI; the next phase, and the
+caller, read it from there (once per node, through `cluster.storage.local_copy`). Checkpoints go
+through `ray.train.report`:
 
 - during a phase, every HF save is reported (weights, optimizer and DeepSpeed shards, one
-  directory merged across ranks), tagged with the phase;
-- at the end of a phase, the gathered HF model is reported with that phase's evaluation metrics.
+  directory merged across nodes), tagged with the phase;
+- at the end of a phase, a small checkpoint records that the phase is done, with its metrics.
 
-A restarted worker group (`FailureConfig(max_failures=...)`) reads the last checkpoint, skips
-finished phases and resumes the current one from its last save, so nothing but the steps since
-that save is lost. The final report always carries a checkpoint, so `Result.metrics` is filled in
-distributed runs too (see STACK.md).
+A restarted worker group (`FailureConfig(max_failures=...)`) reads the last checkpoint (one
+download per node), skips finished phases and resumes the current one from its last save. The
+final report always carries a checkpoint, so `Result.metrics` is filled in distributed runs too.
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ from typing import Any, Callable, Literal
 from pydantic import Field, model_validator
 from transformers import TrainerCallback
 
-from cluster.config import Options
+from cluster import storage
+from cluster.config import Options, UserError
+from cluster.stages import fetch
 from cluster.tracking import TrackingOptions
 
 META = "learner_state.json"
-MODEL_DIR = "model"
 HF_DIR = "hf_checkpoint"
 
 
@@ -54,7 +62,12 @@ class LearnerOptions(Options):
     save_steps: int = Field(50, gt=0, description="checkpoint (reported to Ray) every this many steps")
     logging_steps: int = Field(10, gt=0, description="log loss every this many steps")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory (GPU presets)")
-    dpo_beta: float = Field(0.1, gt=0, description="DPO temperature beta (DPO phases only)")
+
+
+class DPOOptions(LearnerOptions):
+    """A DPO phase: the learner options plus DPO's temperature."""
+
+    beta: float = Field(0.1, gt=0, description="DPO temperature beta")
 
 
 class ScaleOptions(Options):
@@ -75,40 +88,143 @@ class ScaleOptions(Options):
         return self
 
 
+# ---------------------------------------------------------------------------------------------
+# objectives: what a phase trains with
+
+
 @dataclass
-class Phase:
-    """One stage of a learner run: a dataset on disk and how to train on it."""
+class TrainerInputs:
+    """What an objective's factory gets on each worker to build its trainer."""
+
+    model: Any  # the phase's starting weights, loaded
+    model_dir: str  # ... and where they are on this node's disk
+    args: Any  # the TrainingArguments subclass the objective asked for
+    data: Any  # datasets.Dataset of the phase's table
+    tokenizer: Any
+    callbacks: list
+    phase: Phase
+    load_model: Callable[[str], Any]  # load another model (a reference, a teacher) by URI or hub id
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A registered way to train a phase: its TrainingArguments and its trainer factory."""
 
     name: str
-    data_dir: str  # datasets.save_to_disk output: columns `text`, or `prompt`+`completion` (SFT), or DPO's
+    arguments: Callable[[dict, LearnerOptions], Any]  # (common HF arguments, phase options) -> args
+    trainer: Callable[[TrainerInputs], Any]  # -> a transformers.Trainer (TRL trainers included)
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(name: str, arguments: Callable[[dict, LearnerOptions], Any]):
+    """Decorator: register `trainer(inputs: TrainerInputs) -> Trainer` as objective `name`.
+
+    The module that registers it must be importable on the workers (it is imported there when the
+    phase is unpickled), which every module of this project is."""
+    def register(trainer: Callable[[TrainerInputs], Any]):
+        OBJECTIVES[name] = Objective(name, arguments, trainer)
+        return trainer
+    return register
+
+
+def objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise UserError(f"objective {name!r} is not registered (known: {', '.join(sorted(OBJECTIVES))})")
+    return OBJECTIVES[name]
+
+
+def _sft_arguments(common: dict, opts: LearnerOptions):
+    from trl import SFTConfig
+
+    return SFTConfig(**common, packing=False, completion_only_loss=None, dataset_text_field="text")
+
+
+@register_objective("sft", arguments=_sft_arguments)
+def _sft(x: TrainerInputs):
+    from trl import SFTTrainer
+
+    return SFTTrainer(model=x.model, args=x.args, train_dataset=x.data, processing_class=x.tokenizer,
+                      callbacks=x.callbacks)
+
+
+def _dpo_arguments(common: dict, opts: LearnerOptions):
+    from trl import DPOConfig
+
+    if not isinstance(opts, DPOOptions):
+        raise UserError("a dpo phase needs DPO options (beta)")
+    return DPOConfig(**common, beta=opts.beta)
+
+
+@register_objective("dpo", arguments=_dpo_arguments)
+def _dpo(x: TrainerInputs):
+    """TRL DPO against an explicit frozen reference (TRL cannot rebuild one for a config-built
+    model): the phase's `ref_model`, else its starting weights."""
+    from trl import DPOTrainer
+
+    ref = x.load_model(x.phase.ref_model) if x.phase.ref_model else x.load_model(x.model_dir)
+    return DPOTrainer(model=x.model, ref_model=ref, args=x.args, train_dataset=x.data, processing_class=x.tokenizer,
+                      callbacks=x.callbacks)
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
+@dataclass
+class Phase:
+    """One stage of a learner run: a table on storage and how to train on it."""
+
+    name: str
+    data: str  # URI of a Parquet table: `text`, or `prompt`+`completion` (SFT), or DPO's columns
     options: LearnerOptions
-    kind: Literal["sft", "dpo"] = "sft"
-    ref_model_dir: str | None = None  # DPO reference (frozen); defaults to the phase's starting weights
+    objective: str = "sft"  # a name in OBJECTIVES
+    ref_model: str | None = None  # a model URI an objective may use (DPO's frozen reference)
+    objective_module: str = field(default="", repr=False, metadata={"fingerprint": False})
+
+    def __post_init__(self):
+        # the worker imports this module before looking the objective up (it may register there)
+        self.objective_module = objective(self.objective).trainer.__module__
 
 
 @dataclass
 class LearnerRun:
     """Everything a worker needs; shipped to the workers by Ray (must pickle)."""
 
-    name: str
-    model_dir: str
-    tokenizer_dir: str
+    model: str  # starting weights: a storage URI, a local path or a hub id
+    tokenizer: str
     phases: list[Phase]
     scale: ScaleOptions
     seed: int = 0
-    # Called on rank 0 after each phase with (saved model dir, phase name); returns metrics.
+    # Called on rank 0 after each phase with (local model dir, phase name); returns metrics.
     evaluate: Callable[[str, str], dict[str, float]] | None = None
-    tracking: TrackingOptions | None = None
-    tracking_group: str | None = None
-    tracking_config: dict[str, Any] = field(default_factory=dict)
     trust_remote_code: bool = False
+    # Where it is tracked and stored decides nothing about its results (not in stage fingerprints).
+    tracking: TrackingOptions | None = field(default=None, metadata={"fingerprint": False})
+    tracking_group: str | None = field(default=None, metadata={"fingerprint": False})
+    tracking_config: dict[str, Any] = field(default_factory=dict, metadata={"fingerprint": False})
+    # Set by `cluster.sweep.train_stage` from the stage (or by hand for a bare `fit`):
+    name: str = field(default="", metadata={"fingerprint": False})  # Ray's checkpoint folder
+    output: str = field(default="", metadata={"fingerprint": False})  # phase p's model: `<output>/<p>`
+
+    def phase_model(self, phase: str) -> str:
+        return storage.join(self.output, phase)
 
 
-def deepspeed_config(scale: ScaleOptions, opts: LearnerOptions) -> dict | None:
+@dataclass
+class FitResult:
+    """A finished learner run: per-phase metrics and where its final model is."""
+
+    metrics: dict[str, float]
+    model: str  # storage URI of the last phase's model
+
+
+def deepspeed_config(scale: ScaleOptions) -> dict | None:
     """DeepSpeed config for HF/TRL trainers; None without DeepSpeed.
 
     No `optimizer` block unless offloading: the trainer then hands DeepSpeed a torch AdamW, which
-    avoids JIT-building fused_adam (see STACK.md). ZeRO-Offload needs DeepSpeed's CPU Adam.
+    avoids JIT-building fused_adam (docs/STACK.md). ZeRO-Offload needs DeepSpeed's CPU Adam.
     """
     if scale.zero_stage == 0:
         return None
@@ -143,15 +259,13 @@ def _prepare_process(scale: ScaleOptions) -> None:
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 35 s JIT build
         # ZeRO-3 partitions weights inside from_pretrained (zero.Init): DeepSpeed's comm must
-        # already know the world size, or it asserts on the batch size (STACK.md).
+        # already know the world size, or it asserts on the batch size (docs/STACK.md).
         deepspeed.init_distributed(dist_backend="nccl" if scale.use_gpu else "gloo")
 
 
-def _trainer_args(run: LearnerRun, phase: Phase, out_dir: str):
-    from trl import DPOConfig, SFTConfig
-
+def _common_arguments(run: LearnerRun, phase: Phase, out_dir: str) -> dict:
     o, s = phase.options, run.scale
-    common = dict(
+    return dict(
         output_dir=out_dir,
         per_device_train_batch_size=o.batch_size,
         gradient_accumulation_steps=o.grad_accum,
@@ -170,7 +284,7 @@ def _trainer_args(run: LearnerRun, phase: Phase, out_dir: str):
         use_cpu=not s.use_gpu,
         seed=run.seed,
         data_seed=run.seed,
-        deepspeed=deepspeed_config(s, o),
+        deepspeed=deepspeed_config(s),
         gradient_checkpointing=o.gradient_checkpointing,
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -178,9 +292,6 @@ def _trainer_args(run: LearnerRun, phase: Phase, out_dir: str):
         ddp_backend=None if s.use_gpu else "gloo",
         ddp_find_unused_parameters=False,
     )
-    if phase.kind == "dpo":
-        return DPOConfig(**common, beta=o.dpo_beta)
-    return SFTConfig(**common, packing=False, completion_only_loss=None, dataset_text_field="text")
 
 
 class _Progress(TrainerCallback):
@@ -228,67 +339,88 @@ class _Progress(TrainerCallback):
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _read_meta(ckpt) -> tuple[dict, str | None]:
-    """(meta, local dir) of the last reported checkpoint; the dir stays until the process ends."""
+def _resume_point(ckpt) -> tuple[dict, str | None]:
+    """(meta, local dir) of the last reported checkpoint. Remote checkpoints are downloaded once
+    per node (the node's other ranks wait on a file lock and use the same copy)."""
     if ckpt is None:
         return {"phase": 0, "phase_done": False, "metrics": {}}, None
-    local = tempfile.mkdtemp(prefix="datalab-resume-")
-    ckpt.to_directory(local)
+    import pyarrow.fs
+
+    if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+        local = ckpt.path
+    else:
+        from filelock import FileLock
+
+        import hashlib
+
+        local = str(storage.cache_root() / f"ckpt-{hashlib.sha256(ckpt.path.encode()).hexdigest()[:16]}")
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{local}.lock"):
+            if not Path(local).is_dir():
+                ckpt.to_directory(f"{local}.part")
+                os.replace(f"{local}.part", local)
     return json.loads(Path(local, META).read_text()), local
+
+
+def _table(uri: str):
+    """A phase's Parquet table as an in-memory Dataset (nothing cached beside the stage)."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return datasets.Dataset(pq.read_table(f))
 
 
 def train_worker(config: dict) -> None:
     """The Ray Train loop: run every unfinished phase in order; resume from the last checkpoint."""
+    import importlib
+
     import ray.train
 
     run: LearnerRun = config["run"]
 
     _prepare_process(run.scale)
     import datasets
-    from datasets import load_from_disk
 
-    datasets.disable_caching()  # TRL's maps must not write cache files into the stage directories
+    datasets.disable_caching()  # TRL's maps must not write cache files anywhere
 
     from cluster.models import load_model, load_tokenizer
     from cluster.tracking import WandbTrainerCallback, finish_run, start_run
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    meta, resume_dir = _read_meta(ray.train.get_checkpoint())
+    meta, resume_dir = _resume_point(ray.train.get_checkpoint())
     metrics: dict[str, float] = dict(meta.get("metrics", {}))
-    model_dir = run.model_dir
-    if resume_dir and (meta["phase_done"] or meta["phase"] > 0) and Path(resume_dir, MODEL_DIR).is_dir():
-        model_dir = str(Path(resume_dir, MODEL_DIR))
-    tokenizer = load_tokenizer(run.tokenizer_dir, run.trust_remote_code)
-    work = Path(tempfile.gettempdir(), "datalab-train", run.name)
     first = meta["phase"] + (1 if meta["phase_done"] else 0)
+    model_ref = run.model if first == 0 else run.phase_model(run.phases[first - 1].name)
+    tokenizer = load_tokenizer(fetch(run.tokenizer), run.trust_remote_code)
+    load = lambda ref: load_model(fetch(ref), trust_remote_code=run.trust_remote_code)  # noqa: E731
+    work = Path(tempfile.gettempdir(), "datalab-train", run.name)  # shared by the node's ranks (on_save)
 
     for i, phase in enumerate(run.phases):
         if i < first:
             continue
+        importlib.import_module(phase.objective_module)
+        obj = objective(phase.objective)
         hf_resume = None
         if resume_dir and not meta["phase_done"] and meta["phase"] == i and Path(resume_dir, HF_DIR).is_dir():
             hf_resume = str(Path(resume_dir, HF_DIR))
             print(f"[{run.name}:{phase.name}] rank {rank} resuming from {hf_resume}", flush=True)
-        out_dir = str(work / phase.name)
         tracker = None
         if run.tracking is not None:
             tracker = start_run(run.tracking, run_id=f"{run.name}-{phase.name}", name=f"{run.name}/{phase.name}",
                                 group=run.tracking_group, job_type=phase.name,
-                                config={**run.tracking_config, "phase": phase.name, **phase.options.model_dump()},
+                                config={**run.tracking_config, "phase": phase.name, "objective": phase.objective,
+                                        **phase.options.model_dump()},
                                 dir=run.tracking.dir)
         progress = _Progress(run.name, i, phase.name, rank, dict(metrics))
-        callbacks = [progress, WandbTrainerCallback(tracker)]
-        args = _trainer_args(run, phase, out_dir)
-        model = load_model(model_dir, trust_remote_code=run.trust_remote_code)
-        data = load_from_disk(phase.data_dir)
-        if phase.kind == "sft":
-            from trl import SFTTrainer
-
-            trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                 callbacks=callbacks)
-        else:
-            trainer = _dpo_trainer(run, phase, model, model_dir, args, data, tokenizer, callbacks)
+        model_dir = fetch(model_ref)
+        inputs = TrainerInputs(model=load(model_dir), model_dir=model_dir,
+                               args=obj.arguments(_common_arguments(run, phase, str(work / phase.name)), phase.options),
+                               data=_table(phase.data), tokenizer=tokenizer,
+                               callbacks=[progress, WandbTrainerCallback(tracker)], phase=phase, load_model=load)
+        trainer = obj.trainer(inputs)
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # _Progress prints a compact line instead
@@ -296,40 +428,45 @@ def train_worker(config: dict) -> None:
         final = work / f"{phase.name}-final"
         trainer.save_model(str(final))  # gathers ZeRO-3 shards on rank 0
         steps, history = trainer.state.global_step, trainer.state.log_history
-        del trainer, model
+        del trainer, inputs
         # Leave the ZeRO-3 context: rank 0's evaluation must load a plain model, not partition it.
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
         if rank == 0:
             tokenizer.save_pretrained(str(final))
+            storage.upload(final, run.phase_model(phase.name))  # the next phase and the caller read it here
             if run.evaluate is not None:
                 phase_metrics = run.evaluate(str(final), phase.name)
                 metrics.update({f"{phase.name}/{k}": float(v) for k, v in phase_metrics.items()})
             metrics[f"{phase.name}/resumed_from_step"] = float(_step_of(hf_resume))
             metrics[f"{phase.name}/steps"] = float(steps)
-            last = lambda key: float(next((h[key] for h in reversed(history) if key in h), float("nan")))
+            last = lambda key: float(next((h[key] for h in reversed(history) if key in h), float("nan")))  # noqa: E731
             metrics[f"{phase.name}/train_loss"] = last("train_loss")
             metrics[f"{phase.name}/train_runtime_s"] = last("train_runtime")  # the training loop alone
             metrics[f"{phase.name}/train_tokens"] = last("num_tokens")
+            # an objective's own namespaced logs ("rewards/chosen", "smoothing/ce"): their last values
+            for key in dict.fromkeys(k for h in history for k in h if "/" in k):
+                if isinstance(value := last(key), float) and not math.isnan(value):
+                    metrics[f"{phase.name}/{key}"] = value
             if not math.isnan(steady := progress.steady_tokens_per_s()):
                 metrics[f"{phase.name}/steady_tokens_per_s"] = steady
             if tracker is not None:
                 tracker.log({k: v for k, v in metrics.items() if k.startswith(phase.name + "/")})
         finish_run(tracker)
+        # ray.train.report is a barrier: no rank starts the next phase before the model is stored
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                shutil.copytree(final, Path(tmp, MODEL_DIR))
                 Path(tmp, META).write_text(json.dumps({"phase": i, "phase_done": True, "metrics": metrics}))
             ray.train.report({**metrics, "phase": i, "phase_done": True},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
-        model_dir = str(final)
+        model_ref = run.phase_model(phase.name)
     if first >= len(run.phases):
         # Everything was already done before this restart: report the final state once more
         # (every rank reports: ray.train.report is a barrier).
         ray.train.report({**metrics, "phase": len(run.phases) - 1, "phase_done": True},
                          checkpoint=ray.train.get_checkpoint() if rank == 0 else None)
-    shutil.rmtree(work, ignore_errors=True)  # local HF checkpoints; Ray's storage keeps the reported ones
+    shutil.rmtree(work, ignore_errors=True)  # local HF saves; storage keeps the reported ones
 
 
 def _step_of(hf_checkpoint: str | None) -> int:
@@ -338,19 +475,8 @@ def _step_of(hf_checkpoint: str | None) -> int:
     return int(json.loads(Path(hf_checkpoint, "trainer_state.json").read_text())["global_step"])
 
 
-def _dpo_trainer(run, phase, model, model_dir, args, data, tokenizer, callbacks):
-    """TRL DPO against an explicit frozen reference (TRL cannot rebuild one for a config-built model)."""
-    from trl import DPOTrainer
-
-    from cluster.models import load_model
-
-    ref = load_model(phase.ref_model_dir or model_dir, trust_remote_code=run.trust_remote_code)
-    return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer,
-                      callbacks=callbacks)
-
-
-def fit(run: LearnerRun, storage_path: str, *, in_tune: bool = False):
-    """Run a learner as a Ray Train V2 `TorchTrainer`; returns `(metrics, final model checkpoint)`.
+def fit(run: LearnerRun, storage_path: str, *, in_tune: bool = False) -> FitResult:
+    """Run a learner as a Ray Train V2 `TorchTrainer`; Ray's checkpoints go under `storage_path`.
 
     Call inside a Tune trial with `in_tune=True` so the run's reports reach Tune.
     """
@@ -380,4 +506,5 @@ def fit(run: LearnerRun, storage_path: str, *, in_tune: bool = False):
         ),
     )
     result = trainer.fit()
-    return result.metrics, result.checkpoint
+    metrics = {k: v for k, v in (result.metrics or {}).items() if "/" in k and isinstance(v, (int, float))}
+    return FitResult(metrics=metrics, model=run.phase_model(run.phases[-1].name))

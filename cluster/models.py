@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from pydantic import Field, model_validator
 
@@ -141,3 +141,47 @@ def check_pair(model_dir: str | Path, tokenizer) -> None:
         raise UserError(
             f"{model_dir}: model vocabulary ({vocab}) is smaller than the tokenizer's ({len(tokenizer)})"
         )
+
+
+def base_model(run, spec: ModelSpec, *, tokenizer: str | None, texts, seed: int,
+               check_tokenizer: Callable[[Any], None] | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) a job starts from, as `cluster.stages.Artifact`s: a named model as it is (hub id or local directory,
+    checked against its tokenizer when both are local), or for a tiny spec two stages of `run`:
+    `tokenizer` (a BPE trained on `texts`' `tokenizer_text` table) and `base_init` (random init).
+
+    `texts` is the upstream stage holding the text; `check_tokenizer` may veto the trained
+    tokenizer (a UserError) before the stage is committed."""
+    import tempfile
+
+    from cluster import storage
+    from cluster.stages import Artifact
+
+    if spec.tiny is None:
+        tok = tokenizer or spec.name
+        if Path(spec.name).is_dir() and Path(tok).is_dir():  # local: check they agree now
+            check_pair(spec.name, load_tokenizer(tok, spec.trust_remote_code))
+        return Artifact(spec.name), Artifact(tok)
+    tiny = spec.tiny
+
+    def build_tokenizer(st) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            tok = train_tokenizer([r["text"] for r in texts.rows("tokenizer_text")], tiny.vocab_size, tmp,
+                                  tiny.max_position_embeddings)
+            if check_tokenizer is not None:
+                check_tokenizer(tok)
+            storage.upload(tmp, st.uri)
+
+    tok_stage = run.stage("tokenizer", texts=texts, tiny=tiny)
+    tok_stage.ensure(build_tokenizer)
+    tok = load_tokenizer(tok_stage.local())
+
+    def build_init(st) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = build_tiny_model(tiny, tok, seed, tmp)
+            print(f"[base] tiny Llama, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
+            storage.upload(tmp, st.uri)
+
+    init = run.stage("base_init", tokenizer=tok_stage, seed=seed)
+    init.ensure(build_init)
+    check_pair(init.local(), tok)
+    return init.path(), tok_stage.path()

@@ -4,8 +4,12 @@ Knows no science: a *scorer* is any object with `score(batch: list[dict]) -> lis
 built once per actor by a zero-argument factory (so an expensive warm model is loaded once per
 actor, never per item). Items stream to the actors in batches, at most `max_in_flight` batches
 queued per actor; every finished batch is written at once as a small Parquet shard under
-`<out_dir>/shards/`, and the merged `(id, score)` dataset is written to a temporary name and
-renamed to `<out_dir>/scores` when complete.
+`<out>/shards/`, and the merged `(id, score)` table is written to `<out>/scores.parquet` when
+complete. `<out>` is a storage URI (local path, NFS, s3://...): the shards are on shared storage,
+so a run on another node, or after the driver died, resumes from them.
+
+With `num_actors=0` the scorer runs in the calling process, through the same batching, shards and
+resume (small models, tests, and generation a preset keeps in the driver).
 
 Failure model:
 - An actor that dies (node lost, OOM, a crash in native code: `RayActorError`) is replaced by a
@@ -13,21 +17,18 @@ Failure model:
   returned its scores, so nothing is lost and nothing is counted twice. A batch that keeps
   killing actors fails the run after `max_retries` tries.
 - An exception raised by the scorer itself is a bug or bad data: it propagates, unretried.
-- A driver that dies loses only in-flight batches: re-running `run` with the same `out_dir`
+- A driver that dies loses only in-flight batches: re-running `run` with the same `out`
   reads the shards, skips ids already scored, and scores the rest. Merging keeps the first score
   seen per id, so even an overlap between shards cannot double-count.
-
-`out_dir` is a local or shared (NFS) path.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import shutil
 import time
 import uuid
 from collections import deque
-from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import datasets
@@ -36,6 +37,8 @@ import pyarrow.parquet as pq
 import ray
 from ray.exceptions import RayActorError
 from tqdm.auto import tqdm
+
+from cluster import storage
 
 
 class Scorer(Protocol):
@@ -76,20 +79,22 @@ def _rows(items: datasets.Dataset | Sequence[dict], chunk: int = 1024) -> Iterat
         yield from items
 
 
-def _read_shards(shard_dir: Path, id_column: str, score_column: str) -> dict[Any, float]:
+def _read_shards(shard_uri: str, id_column: str, score_column: str) -> dict[Any, Any]:
     """Scores already on storage (first seen wins); unfinished `.tmp` files are ignored."""
-    done: dict[Any, float] = {}
-    for f in sorted(shard_dir.glob("*.parquet")):
-        t = pq.read_table(f, columns=[id_column, score_column])
+    fs, root = storage.filesystem(shard_uri)
+    done: dict[Any, Any] = {}
+    for f in sorted(fs.glob(f"{root}/*.parquet")):
+        with fs.open(f, "rb") as fh:
+            t = pq.read_table(fh, columns=[id_column, score_column])
         for i, s in zip(t.column(id_column).to_pylist(), t.column(score_column).to_pylist()):
             done.setdefault(i, s)
     return done
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def _write_table(table: pa.Table, uri: str) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue())  # whole or not at all
 
 
 class ProbePool:
@@ -105,10 +110,11 @@ class ProbePool:
         max_in_flight: int = 2,
         max_retries: int = 3,
     ):
-        if num_actors < 1 or max_in_flight < 1:
-            raise ValueError("num_actors and max_in_flight must be at least 1")
+        if num_actors < 0 or max_in_flight < 1:
+            raise ValueError("num_actors must be at least 0 and max_in_flight at least 1")
         self.make_scorer = make_scorer
         self.max_in_flight, self.max_retries = max_in_flight, max_retries
+        self.local = _ProbeActor(make_scorer) if num_actors == 0 else None  # in this process
         self._cls = ray.remote(_ProbeActor).options(
             num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor, max_restarts=0, max_task_retries=0
         )
@@ -119,6 +125,12 @@ class ProbePool:
     def wait_ready(self) -> None:
         """Block until every actor has built its scorer (so timings exclude start-up)."""
         ray.get([a.ready.remote() for a in self.actors])
+
+    def call(self, fn: Callable[[Any], Any]) -> Any:
+        """`fn(scorer)` on the first actor's scorer (or the in-process one): read a value it holds."""
+        if self.local is not None:
+            return fn(self.local._scorer)
+        return ray.get(self.actors[0].__ray_call__.remote(lambda actor: fn(actor._scorer)))
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -143,18 +155,18 @@ class ProbePool:
         self,
         items: datasets.Dataset | Sequence[dict],
         id_column: str,
-        out_dir: str | os.PathLike,
+        out: str,
         batch_size: int = 8,
         score_column: str = "score",
         progress: bool = True,
+        desc: str = "probes",
     ) -> datasets.Dataset:
         """Score every item once; return the `(id_column, score_column)` dataset in input order.
 
-        Resumes from shards already in `out_dir`. Ids must be unique.
+        Resumes from shards already under `out` (a storage URI). Ids must be unique.
         """
-        out = Path(out_dir)
-        shard_dir = out / "shards"
-        shard_dir.mkdir(parents=True, exist_ok=True)
+        out = str(out)
+        shard_dir = storage.join(out, "shards")
         ids = list(items[id_column]) if isinstance(items, datasets.Dataset) else [r[id_column] for r in items]
         if len(set(ids)) != len(ids):
             raise ValueError(f"column {id_column!r} has duplicate ids; every item needs its own")
@@ -177,10 +189,28 @@ class ProbePool:
         retry: deque[tuple[list[dict], int]] = deque()
         pending: dict[ray.ObjectRef, tuple[int, Any, list[dict], int]] = {}  # ref -> slot, actor, batch, tries
         load = [0] * len(self.actors)
-        nonce, seq, retried = uuid.uuid4().hex[:8], 0, 0
-        bar = tqdm(total=todo, unit="cand", desc="probes", disable=not progress, smoothing=0.1)
-        cpu0 = dict(zip(map(id, self.actors), ray.get([a.cpu_seconds.remote() for a in self.actors])))
+        seq, retried = 0, 0
+        bar = tqdm(total=todo, unit="item", desc=desc, disable=not progress, smoothing=0.1)
+        nonce = uuid.uuid4().hex[:8]
+
+        def save(batch: list[dict], scores: list[Any], seq: int) -> None:
+            new = [(r[id_column], s) for r, s in zip(batch, scores) if r[id_column] not in done]
+            if new:
+                _write_table(pa.table({id_column: [i for i, _ in new], score_column: [s for _, s in new]}),
+                             storage.join(shard_dir, f"part-{nonce}-{seq:06d}.parquet"))
+                done.update(new)
+                bar.update(len(new))
+
         start = time.perf_counter()
+        if self.local is not None:
+            try:
+                for seq, batch in enumerate(batches()):
+                    save(batch, self.local.score(batch), seq)
+            finally:
+                bar.close()
+            self.stats = {"scored": todo, "seconds": time.perf_counter() - start, "retried": 0}
+            return self._merge(ids, done, id_column, score_column, out)
+        cpu0 = dict(zip(map(id, self.actors), ray.get([a.cpu_seconds.remote() for a in self.actors])))
         try:
             while True:
                 while load[slot := min(range(len(load)), key=load.__getitem__)] < self.max_in_flight:
@@ -212,15 +242,8 @@ class ProbePool:
                     continue
                 if current:
                     load[slot] -= 1
-                new = [(r[id_column], s) for r, s in zip(batch, scores) if r[id_column] not in done]
-                if new:
-                    _write_atomic(
-                        pa.table({id_column: [i for i, _ in new], score_column: [s for _, s in new]}),
-                        shard_dir / f"part-{nonce}-{seq:06d}.parquet",
-                    )
-                    seq += 1
-                    done.update(new)
-                    bar.update(len(new))
+                save(batch, scores, seq)
+                seq += 1
         finally:
             bar.close()
         seconds = time.perf_counter() - start
@@ -230,10 +253,10 @@ class ProbePool:
             "retried": retried, "actor_cpu_seconds": cpu,  # replacements count from their start
         }
 
-        merged = datasets.Dataset.from_dict({id_column: ids, score_column: [done[i] for i in ids]})
-        final, tmp = out / "scores", out / f"scores.tmp-{nonce}"
-        merged.save_to_disk(str(tmp))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        return datasets.load_from_disk(str(final))
+        return self._merge(ids, done, id_column, score_column, out)
+
+    @staticmethod
+    def _merge(ids: list, done: dict, id_column: str, score_column: str, out: str) -> datasets.Dataset:
+        table = pa.table({id_column: ids, score_column: [done[i] for i in ids]})
+        _write_table(table, storage.join(out, "scores.parquet"))
+        return datasets.Dataset(table)

@@ -1,49 +1,120 @@
-"""Sweeps: Ray Tune over learner runs, one trial = one Ray Train run.
+"""Learner runs as stages: one run in the driver, or many side by side as a Ray Tune grid.
+
+`train_stage(stage, runs)` is how every job trains: each run is named after the stage, its key and
+the stage's fingerprint (a changed input never resumes a stale run or restores a stale Tune
+experiment; a re-run of the same stage resumes its own), and its phases' models are written to
+`<stage>/<key>/<phase>` on the run's storage. The stage's result records, per key, the metrics,
+the model URI and the trial's timing.
 
 Ray 2.60 runs Train V2, which rejects `Tuner(trainer)`: a trial is a function that builds and fits
-a `TorchTrainer` (`cluster.learners.fit(..., in_tune=True)`). The trial's driver holds a small
-CPU share; its workers hold the learner's resources. `max_concurrent_trials` is derived from what
-one trial needs and what the cluster has, so trials never wait on each other's workers.
-
-A sweep whose driver died is restored from its experiment directory (`Tuner.restore`), finished
-trials kept and unfinished ones rerun (their Train runs resume from their own checkpoints).
+a `TorchTrainer` (`cluster.learners.fit(..., in_tune=True)`). The trial's driver holds a small CPU
+share; its workers hold the learner's resources. `max_concurrent_trials` is derived from what one
+trial needs and what the cluster has, so trials never wait on each other's workers. A sweep whose
+driver died is restored from its experiment directory (`Tuner.restore`): finished trials are
+kept, unfinished ones rerun (their Train runs resume from their own checkpoints).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable
+import time
+from dataclasses import dataclass
+
+from cluster.learners import FitResult, LearnerRun, fit
+from cluster.stages import Artifact, Stage
 
 TRIAL_DRIVER_CPU = 0.25
+
+
+@dataclass
+class Trained:
+    """One learner run of a stage, finished."""
+
+    metrics: dict[str, float]
+    model: Artifact | str  # URI of its last phase's model
+    started_at: float
+    ended_at: float
+    trial_id: str | None = None
 
 
 def max_concurrent(cluster: dict[str, float], num_workers: int, cpus_per_worker: float, use_gpu: bool,
                    limit: int | None = None) -> int:
     """How many trials fit side by side: by GPUs when trials use them, else by CPUs."""
     if use_gpu:
-        fit = math.floor(cluster.get("GPU", 0) / num_workers)
+        fit_ = math.floor(cluster.get("GPU", 0) / num_workers)
     else:
-        fit = math.floor(cluster.get("CPU", 0) / (num_workers * cpus_per_worker + TRIAL_DRIVER_CPU))
-    fit = max(fit, 1)
-    return min(fit, limit) if limit else fit
+        fit_ = math.floor(cluster.get("CPU", 0) / (num_workers * cpus_per_worker + TRIAL_DRIVER_CPU))
+    fit_ = max(fit_, 1)
+    return min(fit_, limit) if limit else fit_
 
 
-def run_sweep(trial: Callable[[dict], dict], param_space: dict[str, Any], *, name: str, storage_path: str,
-              concurrency: int, metric: str | None = None, mode: str = "max", callbacks: list | None = None):
-    """Run (or restore) a grid of function trials; returns Tune's `ResultGrid`."""
+def train_stage(stage: Stage, runs: dict[str, LearnerRun], *, max_concurrent_trials: int | None = None,
+                grid: bool | None = None) -> dict[str, Trained]:
+    """Train every run of `runs` (key -> run) as stage `stage`; returns key -> `Trained`.
+
+    One run trains in the driver process (no Tune); several, or `grid=True`, as a Tune grid."""
+    def build(st: Stage) -> dict:
+        named = {k: dataclasses.replace(r, name=f"{st.run.run_id}-{st.name}-{k}-{st.hash}", output=st.path(k))
+                 for k, r in runs.items()}
+        if len(named) == 1 and not grid:
+            (key, run), = named.items()
+            t0 = time.time()
+            res = fit(run, st.run.ray_storage)
+            return {key: _record(Trained(res.metrics, res.model, t0, time.time()))}
+        return _grid(st, named, max_concurrent_trials)
+
+    result = stage.ensure(build)
+    # the model as an artifact of this stage (a downstream stage's input counts its fingerprint),
+    # rebuilt from the stage's place rather than stored: a moved run directory stays valid
+    return {k: Trained(**v, model=stage.path(k, runs[k].phases[-1].name)) for k, v in result.items()}
+
+
+def _record(t: Trained) -> dict:
+    """What the stage's manifest keeps of a run: everything but where its model is."""
+    return {k: v for k, v in dataclasses.asdict(t).items() if k != "model"}
+
+
+def _trial(config: dict) -> None:
+    """One Tune trial = one learner run."""
+    import ray.tune
+
+    run: LearnerRun = config["ctx"]["runs"][config["key"]]
+    started = time.time()
+    res: FitResult = fit(run, config["ctx"]["storage"], in_tune=True)
+    ray.tune.report({"key": config["key"], "model": res.model, "started_at": started, "ended_at": time.time(),
+                     "trial_id": ray.tune.get_context().get_trial_id(), **res.metrics})
+
+
+def _grid(stage: Stage, runs: dict[str, LearnerRun], limit: int | None) -> dict:
+    import ray
     import ray.tune as tune
 
-    trainable = tune.with_resources(trial, {"cpu": TRIAL_DRIVER_CPU})
-    path = f"{storage_path.rstrip('/')}/{name}"
+    first = next(iter(runs.values())).scale
+    n = max_concurrent(ray.cluster_resources(), first.num_workers, first.cpus_per_worker, first.use_gpu, limit)
+    print(f"[{stage.name}] {len(runs)} learner runs, {n} at a time", flush=True)
+    space = {"key": tune.grid_search(sorted(runs)), "ctx": {"runs": runs, "storage": stage.run.ray_storage}}
+    trainable = tune.with_resources(_trial, {"cpu": TRIAL_DRIVER_CPU})
+    name = f"{stage.name}-{stage.hash}"
+    path = f"{stage.run.ray_storage}/{name}"
     if tune.Tuner.can_restore(path):
-        print(f"[sweep] restoring {path}: finished trials are kept", flush=True)
+        print(f"[{stage.name}] restoring {path}: finished trials are kept", flush=True)
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True, restart_errored=False)
     else:
         tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, metric=metric, mode=mode),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks or [],
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=n),
+            run_config=tune.RunConfig(name=name, storage_path=stage.run.ray_storage,
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1),
         )
-    return tuner.fit()
+    results = tuner.fit()
+    failed = [r for r in results if r.error]
+    if failed:
+        raise RuntimeError(f"{stage.name}: {len(failed)} learner run(s) failed, first: {failed[0].error}")
+    out = {}
+    for res in results:
+        m = res.metrics
+        out[m["key"]] = _record(Trained(
+            metrics={k: v for k, v in m.items() if "/" in k and isinstance(v, (int, float))},
+            model=m["model"], started_at=m["started_at"], ended_at=m["ended_at"], trial_id=m["trial_id"]))
+    return out

@@ -48,7 +48,7 @@ class TrackingOptions(Options):
     dir: str | None = Field(None, description="where wandb files go; null: the job's run directory")
 
     def for_run(self, run) -> "TrackingOptions":
-        """These options with W&B files under the run directory (`cluster.runtime.RunDir.wandb_dir`)."""
+        """These options with W&B files under the run directory (`cluster.stages.Run.wandb_dir`)."""
         return self.model_copy(update={"dir": run.wandb_dir(self.dir)})
 
 

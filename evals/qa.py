@@ -81,3 +81,23 @@ def score_world(model, tokenizer, heldout_questions: list[dict], heldout_probes:
         "lie_rate": mean([not correct[q["id"]] for q in known_single]),
         "answered_rate": mean([a is not None for a in answers]),
     }
+
+
+def evaluate_faco(model_dir: str, phase: str, *, heldout: str, probes: str, max_new_tokens: int, device: str,
+                  harness=None) -> dict[str, float]:
+    """A falsity-sweep trial's evaluation after a phase (on rank 0): exact metrics on the held-out
+    questions and probes (tables on storage, by URI), and the lm-eval harness if configured."""
+    from cluster.models import load_model, load_tokenizer
+    from cluster.stages import read_rows
+
+    out: dict[str, float] = {}
+    questions = read_rows(heldout)
+    if questions:
+        model = load_model(model_dir).to(device)
+        out.update(score_world(model, load_tokenizer(model_dir), questions, read_rows(probes), max_new_tokens))
+        del model
+    if harness is not None:
+        from evals.harness import evaluate_with_harness
+
+        out.update({f"harness/{k}": v for k, v in evaluate_with_harness(model_dir, harness, device).items()})
+    return out

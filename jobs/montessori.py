@@ -23,10 +23,11 @@ The reference set is kept apart from the evaluation set: on the synthetic world 
 questions about disjoint held-out people (the paper drew its reference set from its own test
 benchmark); from a dataset they are disjoint slices, and any shared instruction is an error.
 
-Stages under `<storage>/montessori/<run_id>/` (a re-run skips finished ones): `data`,
-`tokenizer`, `student_init`, `pretrain`, `teacher` (tiny presets), `warmup`, then per iteration
-`it<i>-candidates`, `it<i>-influence`, `it<i>-pairs`, `it<i>-dpo`, `it<i>-final`,
-`it<i>-students`, and the report files.
+Stages under `<storage>/montessori/<run_id>/` (a re-run skips finished ones; a changed option
+redoes exactly the stages downstream of it; `stop_after` ends a run early): `data`, `tokenizer`,
+`base_init` (tiny students), `pretrain`, `teacher` (tiny presets), `warmup`, then per iteration
+`it<i>-candidates`, `it<i>-influence`, `it<i>-pairs`, `it<i>-dpo`, `it<i>-final`, `it<i>-sft`,
+`it<i>-students`, and the report files (`jobs/montessori_report.py`).
 
 summary.json: {"job", "run_id", "config", "rows": [...], "probes": [...], "findings": {...}}.
 `rows`, one per seed x iteration x teacher:
@@ -46,8 +47,8 @@ summary.json: {"job", "run_id", "config", "rows": [...], "probes": [...], "findi
   share_correct      share of the final set whose response is exactly true (world),
   plus `harness/<task>/<metric>` columns when `eval.harness` is set.
 `probes`, one per seed x iteration: candidates, kept, positive_share, mean_influence, pairs,
-  prompts_with_pairs, random_pairs, warm_L0, probe_seconds, and per kind (world) the mean
-  influence `influence_<kind>`.
+  prompts_with_pairs, random_pairs, warm_L0, probe_seconds, dpo_train_loss, and per kind (world)
+  the mean influence `influence_<kind>`.
 `findings`: per iteration the mean over seeds of accuracy_gain (montessori - untrained) and
   loss_gain (untrained - montessori), seeds_better_loss / seeds_better_accuracy, and, with the
   ablation, influence_vs_random_accuracy / influence_vs_random_loss.
@@ -55,1136 +56,362 @@ summary.json: {"job", "run_id", "config", "rows": [...], "probes": [...], "findi
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import math
-import os
-import random
-import tempfile
 import time
-from pathlib import Path
-from typing import Literal
-
-from pydantic import Field, model_validator
+from dataclasses import dataclass
 
 from cluster import cli
-from cluster.config import Options, UserError, config_hash
-from cluster.learners import LearnerOptions, LearnerRun, Phase, ScaleOptions
-from cluster.models import ModelSpec
-from cluster.runtime import RayOptions, RunDir, absolute, is_remote, run_uri
-from cluster.tracking import TrackingOptions
-from evals.harness import HarnessOptions
-from synth.teacher import PromptOptions, SamplingOptions, TeacherMix
-from synth.world import WorldOptions
+from cluster.config import UserError
+from cluster.learners import LearnerRun, Phase, ScaleOptions
+from cluster.models import base_model
+from cluster.runtime import init_ray
+from cluster.stages import Artifact, Run, Stage, fetch, open_run
+from cluster.sweep import Trained, train_stage
+from jobs.montessori_options import MontessoriOptions, check, check_hub_tokenizers, plan
+from synth.teacher import check_tokenizers, derive_seed, load_tokenizer_or_fail
 
 JOB = "montessori"
 UNTRAINED, MONTESSORI, RANDOM = "untrained", "montessori", "random_pairs"
 
 
-# ---------------------------------------------------------------------------------------------
-# options
+@dataclass(frozen=True)
+class Arm:
+    """One teacher of one seed: what a student is trained on (DPO'd teachers: on which pairs)."""
+
+    seed: int
+    teacher: str  # UNTRAINED, MONTESSORI or RANDOM
+
+    @property
+    def key(self) -> str:  # its tables, learner runs and folders
+        return f"s{self.seed}-{self.teacher}"
 
 
-class DataOptions(Options):
-    """Seed instructions, warm-up set, reference set and evaluation set."""
+@dataclass
+class Iteration:
+    """One iteration's stages and results, as `jobs.montessori_report` reads them."""
 
-    source: Literal["world", "dataset"] = Field("world", description="world: the synthetic world; dataset: an instruction dataset (hub id or local file)")
-    world: WorldOptions = Field(default_factory=WorldOptions, description="synthetic world (source world)")
-    reference_people: int = Field(16, ge=0, description="world: held-out people whose questions form the reference set; the other held-out people are evaluated")
-    dataset: str | None = Field(None, description="source dataset: hub id (e.g. vicgalle/alpaca-gpt4) or .jsonl/.parquet/.csv/dataset dir")
-    split: str = Field("train", description="dataset split")
-    instruction_column: str = Field("instruction", description="dataset column with the instruction")
-    input_column: str | None = Field("input", description="dataset column appended to the instruction when non-empty (Alpaca); null: none")
-    response_column: str = Field("output", description="dataset column with the reference response")
-    shuffle_seed: int = Field(42, description="shuffle before slicing evaluation / reference / seed sets (paper: 42)")
-    seed_size: int = Field(300, ge=0, description="seed instructions shown to the teacher in context")
-    warmup_size: int = Field(64, ge=1, description="warm-up examples (the first seed instructions, with their responses)")
-    reference_size: int = Field(256, ge=0, description="reference set for local data influence (paper: 256)")
-    eval_size: int | None = Field(None, ge=1, description="evaluation items (null: world: every question of the evaluated people)")
-
-    @model_validator(mode="after")
-    def _dataset_given(self):
-        if self.source == "dataset" and not self.dataset:
-            raise ValueError("data.dataset is required when data.source is dataset")
-        return self
+    number: int
+    candidates: Stage  # table s<seed>
+    influence: Stage  # table s<seed>/scores (id, influence); result s<seed>: warm_L0, probe_seconds
+    pairs: Stage  # result: arm key -> pairs, prompts
+    dpo: dict[Arm, Trained]
+    final: Stage  # table per arm key: the final synthetic set
+    evals: dict[Arm, dict]  # the students' held-out scores (`evals.heldout.evaluate_student`)
 
 
-class GenerationOptions(Options):
-    """Where teacher generation runs."""
-
-    num_actors: int = Field(0, ge=0, description="Ray actors holding a teacher each (0: in the driver process)")
-    cpus_per_actor: float = Field(1, gt=0, description="logical CPUs per generation actor")
-    gpus_per_actor: float = Field(0, ge=0, description="GPUs per generation actor")
-    batch_size: int = Field(16, gt=0, description="prompts per generation call (each gives k candidates)")
-    device: str = Field("cpu", description="device the teacher generates on")
-    dtype: str | None = Field(None, description="torch dtype to load the teacher in (bfloat16 on GPUs); null: as saved")
+class StopAfter(Exception):
+    """`stop_after` was reached."""
 
 
-class TeacherOptions(Options):
-    """The teacher: which model, how it is prompted and how it samples."""
-
-    model: str | None = Field(None, description="hub id or local dir of the teacher; null: a tiny teacher SFT'd from the student's pretrained base")
-    tokenizer: str | None = Field(None, description="the teacher's tokenizer; null: the teacher model's (tiny: the student's). Must agree with the student's")
-    sft: LearnerOptions | None = Field(None, description="SFT that makes the tiny teacher (null with a hub teacher)")
-    sft_examples: int = Field(1200, ge=1, description="tiny teacher: instruction-writing examples (and as many answering examples)")
-    mix: TeacherMix = Field(default_factory=TeacherMix, description="tiny teacher: what it learns to write and how well it answers")
-    prompt: PromptOptions = Field(default_factory=PromptOptions, description="teacher prompts and output parsing")
-    k: int = Field(4, ge=2, description="candidate instructions per prompt (paper: 4); pairs need at least 2")
-    dedup: bool = Field(True, description="final sets: drop an instruction an earlier example already has (paper: ROUGE-L > 0.7 against all previous). Probing always drops copies within a prompt's candidates and of its in-context seeds")
-    instruction_sampling: SamplingOptions = Field(default_factory=lambda: SamplingOptions(temperature=1.0, top_p=0.9), description="instruction pass (paper: T=1.0, top-p 0.9)")
-    response_sampling: SamplingOptions = Field(default_factory=lambda: SamplingOptions(temperature=0.6, top_p=0.9), description="response pass (paper: T=0.6, top-p 0.9)")
-    generation: GenerationOptions = Field(default_factory=GenerationOptions, description="where generation runs")
+def finished(cfg: MontessoriOptions, stage: Stage, value=None):
+    """`value` (default: the stage) once `stage` is done; the job ends here if it is `cfg.stop_after`."""
+    if stage.name == cfg.stop_after:
+        raise StopAfter(stage.name)
+    return stage if value is None else value
 
 
-class WarmupOptions(Options):
-    """Student warm-up (AdamW, linear ramp to the peak over the whole warm-up)."""
-
-    learning_rate: float = Field(1e-3, gt=0, description="peak learning rate, reached at the last step (paper: 5e-6)")
-    epochs: int = Field(6, ge=1, description="passes over the warm-up set")
-    batch_size: int = Field(8, ge=1, description="examples per step")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (paper: 0)")
-    max_length: int = Field(128, gt=0, description="tokens per example")
-    num_cpus: float = Field(1, gt=0, description="logical CPUs of the warm-up task")
-    num_gpus: float = Field(0, ge=0, description="GPUs of the warm-up task (a student larger than one GPU: several, with device auto)")
-    device: str = Field("cpu", description="cpu, cuda, or auto: the student's layers spread over the task's GPUs")
-    dtype: str | None = Field(None, description="torch dtype of the student and its AdamW state (bfloat16 at 8B, as the paper); null: as saved")
+def _by_key(by_arm: dict[Arm, object]) -> dict[str, object]:
+    return {arm.key: v for arm, v in by_arm.items()}
 
 
-class ProbeOptions(Options):
-    """Candidates per iteration and the probe pool that scores them."""
-
-    prompts: int = Field(48, ge=1, description="instruction-writing prompts per seed and iteration (k candidates each)")
-    num_actors: int = Field(1, ge=1, description="probe actors, each holding the warm student and its AdamW state")
-    cpus_per_actor: float = Field(1, gt=0, description="logical CPUs per probe actor")
-    gpus_per_actor: float = Field(0, ge=0, description="GPUs per probe actor")
-    batch_size: int = Field(16, ge=1, description="candidates per actor call")
-    reference_batch_size: int = Field(16, ge=1, description="reference examples per forward (paper: 8)")
-    device: str = Field("cpu", description="cpu, cuda, or auto: the warm student's layers spread over the actor's GPUs")
+# -- data, student, teacher -------------------------------------------------------------------
 
 
-class EvalOptions(Options):
-    """How each final student is judged."""
+def build_data(cfg: MontessoriOptions, run: Run) -> Stage:
+    """Stage `data`: tables seeds, warmup, reference, evaluation, banned (+ world: corpus,
+    tokenizer_text, teacher_sft); `synth.instructions`."""
+    from synth.instructions import instruction_tables
 
-    max_new_tokens: int = Field(40, gt=0, description="generation budget per answer (world)")
-    batch_size: int = Field(32, gt=0, description="evaluation batch size")
-    num_cpus: float = Field(1, gt=0, description="logical CPUs per evaluation task")
-    num_gpus: float = Field(0, ge=0, description="GPUs per evaluation task")
-    device: str = Field("cpu", description="device evaluation runs on (auto: spread over the task's GPUs)")
-    dtype: str | None = Field(None, description="torch dtype the students are evaluated in; null: as saved")
-    harness: HarnessOptions | None = Field(None, description="lm-evaluation-harness benchmarks (cluster presets); null: none")
+    t = cfg.teacher
+    stage = run.stage("data", data=cfg.data, template=cfg.student_template, prompt=t.prompt, mix=t.mix,
+                      teacher_examples=t.sft_examples)
 
-
-class MontessoriOptions(Options):
-    """Montessori-Instruct preset."""
-
-    run_id: str | None = Field(None, description="run directory name; null: a hash of the config, so re-runs resume")
-    storage: str = Field("runs", description="root of run directories: a local path or an fsspec URI")
-    student: ModelSpec = Field(description="student model: hub name or a tiny Llama built here")
-    student_tokenizer: str | None = Field(None, description="hub tokenizer of the student; null: the model's, or trained offline for tiny")
-    student_template: str = Field("Question: {instruction}\n", description="how the student sees an instruction (SFT prompt, probes, evaluation)")
-    model_seed: int = Field(0, description="seed of the tiny student's random init")
-    pretrain: LearnerOptions | None = Field(None, description="pretraining the tiny student on the world's knowledge corpus; null: as it is")
-    pretrain_scale: ScaleOptions = Field(default_factory=ScaleOptions, description="workers and DeepSpeed for pretraining and the tiny teacher's SFT")
-    data: DataOptions = Field(default_factory=DataOptions, description="seeds, warm-up, reference and evaluation sets")
-    teacher: TeacherOptions = Field(default_factory=TeacherOptions, description="the teacher")
-    warmup: WarmupOptions = Field(default_factory=WarmupOptions, description="student warm-up before probing")
-    probes: ProbeOptions = Field(default_factory=ProbeOptions, description="local data influence probes")
-    dpo: LearnerOptions = Field(description="teacher DPO (dpo_beta: paper 0.1; lr: paper 1e-6)")
-    dpo_scale: ScaleOptions = Field(default_factory=ScaleOptions, description="workers and DeepSpeed per teacher DPO run")
-    sft: LearnerOptions = Field(description="student SFT on each final synthetic set")
-    scale: ScaleOptions = Field(default_factory=ScaleOptions, description="workers and DeepSpeed per student SFT run")
-    final_size: int = Field(256, ge=1, description="examples in each final synthetic set (same for every teacher)")
-    iterations: int = Field(2, ge=1, description="probe -> DPO -> final set rounds (paper: 2-3)")
-    seeds: list[int] = Field([0, 1], min_length=1, description="seeds of the warm-up, sampling, DPO and SFT data order")
-    ablation: bool = Field(True, description="also DPO a teacher on random pairs (iteration 1) and train a student on its data")
-    max_concurrent_trials: int | None = Field(None, ge=1, description="cap on learner runs side by side; null: as many as resources allow")
-    eval: EvalOptions = Field(default_factory=EvalOptions, description="evaluation")
-    ray: RayOptions = Field(default_factory=RayOptions, description="Ray cluster")
-    tracking: TrackingOptions = Field(default_factory=TrackingOptions, description="Weights & Biases")
-
-
-def check(cfg: MontessoriOptions) -> None:
-    """Cross-option checks (bad input: one line naming the key, exit code 2)."""
-    d, t = cfg.data, cfg.teacher
-    if d.seed_size == 0:
-        raise UserError("data.seed_size: no seed instructions (the teacher is prompted with "
-                        f"teacher.prompt.in_context={t.prompt.in_context} of them)")
-    if d.seed_size < t.prompt.in_context:
-        raise UserError(f"data.seed_size: {d.seed_size} seed instructions, fewer than teacher.prompt.in_context="
-                        f"{t.prompt.in_context} shown per prompt")
-    if d.reference_size == 0 or (d.source == "world" and d.reference_people == 0):
-        raise UserError("data.reference_size: empty reference set (local data influence is measured on it; "
-                        "world presets also need data.reference_people > 0)")
-    if d.source == "world" and cfg.student.tiny is None:
-        raise UserError("student: the synthetic world needs a tiny student (its tokenizer is trained on the world)")
-    if t.model is None and (t.sft is None or d.source != "world"):
-        raise UserError("teacher.model: required unless teacher.sft builds a tiny teacher on the synthetic world")
-    if d.warmup_size > d.seed_size:
-        raise UserError(f"data.warmup_size: {d.warmup_size} warm-up examples are drawn from the {d.seed_size} seeds")
-
-
-# ---------------------------------------------------------------------------------------------
-# data: seeds, warm-up, reference and evaluation sets
-
-
-def _run_id(cfg: MontessoriOptions) -> str:
-    return cfg.run_id or config_hash(cfg, exclude={"run_id", "tracking", "ray", "max_concurrent_trials"})
-
-
-def _run_dir(cfg: MontessoriOptions) -> RunDir:
-    return RunDir(cfg.storage, JOB, _run_id(cfg))
-
-
-def _data_hash(cfg: MontessoriOptions) -> str:
-    return config_hash({"data": cfg.data.model_dump(), "template": cfg.student_template,
-                        "prompt": cfg.teacher.prompt.model_dump(), "mix": cfg.teacher.mix.model_dump(),
-                        "n": cfg.teacher.sft_examples})
-
-
-def build_data(cfg: MontessoriOptions, run: RunDir) -> None:
-    """Stage `data`: seeds, warmup, reference, evaluation (+ corpus, teacher_sft, banned names)."""
-    from datasets import Dataset
-
-    h = _data_hash(cfg)
-    if run.done("data", h):
-        return
-    tables = _world_tables(cfg) if cfg.data.source == "world" else _dataset_tables(cfg)
-    src = cfg.data.dataset or "data"
-    if not tables["evaluation"]:
-        raise UserError(f"{src}: empty evaluation set (data.eval_size)")
-    if not tables["reference"]:
-        raise UserError(f"{src}: empty reference set (no rows left after the {len(tables['evaluation'])} evaluation rows)")
-    if len(tables["seeds"]) < cfg.teacher.prompt.in_context:
-        raise UserError(f"{src}: {len(tables['seeds'])} seed instructions left after the evaluation and reference "
-                        f"rows, fewer than teacher.prompt.in_context={cfg.teacher.prompt.in_context}")
-    shared = {r["prompt"] for r in tables["reference"]} & {r["prompt"] for r in tables["evaluation"]}
-    if shared:
-        raise UserError(f"{cfg.data.dataset or 'data'}: {len(shared)} reference instructions are also evaluation "
-                        f"instructions (first: {sorted(shared)[0][:60]!r}); keep the reference set apart")
-    with run.write("data", h) as out:
+    def build(st: Stage) -> dict[str, int]:
+        tables = instruction_tables(cfg.data, cfg.student_template, t.prompt, t.mix, t.sft_examples)
         for name, rows in tables.items():
-            Dataset.from_list(rows).save_to_disk(f"{out}/{name}") if rows else Path(out, name).mkdir()
-        print(f"[data] {', '.join(f'{k}: {len(v)}' for k, v in tables.items())}", flush=True)
+            st.save_rows(name, rows)
+        return {name: len(rows) for name, rows in tables.items()}
+
+    print(f"[data] {', '.join(f'{k}: {v}' for k, v in stage.ensure(build).items())}", flush=True)
+    return finished(cfg, stage)
 
 
-def _world_tables(cfg: MontessoriOptions) -> dict[str, list[dict]]:
-    from synth import teacher as T
-    from synth import world as W
-
-    d = cfg.data
-    world = W.build_world(d.world)
-    held = world.heldout_people
-    if d.reference_people >= len(held):
-        raise UserError(f"data.reference_people: {d.reference_people} leaves none of the {len(held)} held-out people to evaluate")
-    ref_people, eval_people = held[: d.reference_people], held[d.reference_people :]
-    tmpl = cfg.student_template
-
-    def qa(people, split, limit):
-        qs = [q for q in W.questions(world, people, split) if q["kind"] == "single"][:limit]
-        return [{"id": q["id"], "prompt": tmpl.format(instruction=q["question"]), "completion": q["true_response"],
-                 "answer": q["answer"]} for q in qs]
-
-    seeds = T.world_seed_pool(world, world.sft_people, d.world.seed, d.seed_size)
-    return {
-        "seeds": seeds,
-        "warmup": [{"prompt": tmpl.format(instruction=r["instruction"]), "completion": r["response"]} for r in seeds[: d.warmup_size]],
-        "reference": qa(ref_people, "reference", d.reference_size),
-        "evaluation": qa(eval_people, "evaluation", d.eval_size),
-        "banned": [{"name": p.name} for p in held],
-        "corpus": [{"text": t} for t in W.knowledge_corpus(world)],
-        "tokenizer_text": [{"text": t} for t in W.all_text(world) + T.world_texts(cfg.teacher.prompt)],
-        "teacher_sft": T.teacher_sft_data(world, world.sft_people, seeds, cfg.teacher.prompt, cfg.teacher.mix,
-                                          cfg.teacher.sft_examples, cfg.teacher.sft_examples, d.world.seed),
-    }
+def build_student(cfg: MontessoriOptions, run: Run, data: Stage) -> tuple[str, str]:
+    """Stages `tokenizer` and `base_init` (tiny students): (model, tokenizer) of the untrained
+    student. A given teacher tokenizer must agree with the trained one (checked before commit)."""
+    agree = functools.partial(check_tokenizers, teacher_tok=cfg.teacher.tokenizer) if cfg.teacher.tokenizer else None
+    model, tok = base_model(run, cfg.student, tokenizer=cfg.student_tokenizer, texts=data, seed=cfg.model_seed,
+                            check_tokenizer=agree)
+    if agree is not None and cfg.student.tiny is not None:  # a tokenizer stage older than this option
+        agree(load_tokenizer_or_fail(tok, "student_tokenizer"))
+    if cfg.stop_after in ("tokenizer", "base_init"):
+        raise StopAfter(cfg.stop_after)
+    return model, tok
 
 
-def _dataset_tables(cfg: MontessoriOptions) -> dict[str, list[dict]]:
-    """Disjoint slices of a shuffled instruction dataset: evaluation, reference, seeds."""
-    d = cfg.data
-    rows = _load_instruction_rows(d)
-    if not rows:
-        raise UserError(f"{d.dataset}: no seed instructions (no row has a non-empty {d.instruction_column!r} "
-                        f"and {d.response_column!r})")
-    random.Random(d.shuffle_seed).shuffle(rows)
-    n_eval = d.eval_size or 0
-    tmpl = cfg.student_template
-    sl = lambda a, b: [{"id": f"row-{i}", "prompt": tmpl.format(instruction=r["instruction"]), "completion": r["response"],
-                        "answer": None} for i, r in enumerate(rows[a:b], start=a)]
-    evaluation = sl(0, n_eval)
-    reference = sl(n_eval, n_eval + d.reference_size)
-    start = n_eval + d.reference_size
-    seeds = [{"id": f"seed-{i}", "kind": "seed", "instruction": r["instruction"], "response": r["response"]}
-             for i, r in enumerate(rows[start : start + d.seed_size])]
-    return {"seeds": seeds, "evaluation": evaluation, "reference": reference, "banned": [],
-            "warmup": [{"prompt": tmpl.format(instruction=r["instruction"]), "completion": r["response"]} for r in seeds[: d.warmup_size]]}
+def _learner(cfg: MontessoriOptions, run: Run, model: str, tok: str, phase: Phase, scale: ScaleOptions, seed: int,
+             trust_remote_code: bool = False, tracking_config: dict | None = None) -> LearnerRun:
+    return LearnerRun(model=model, tokenizer=tok, phases=[phase], scale=scale, seed=seed,
+                      tracking=cfg.tracking.for_run(run), tracking_group=run.group,
+                      tracking_config=tracking_config or {}, trust_remote_code=trust_remote_code)
 
 
-def _load_instruction_rows(d: DataOptions) -> list[dict]:
-    import datasets
-
-    src = d.dataset
-    try:
-        if Path(src).is_dir():
-            ds = datasets.load_from_disk(src)
-        elif Path(src).suffix in (".jsonl", ".json", ".parquet", ".csv"):
-            kind = {".jsonl": "json", ".json": "json"}.get(Path(src).suffix, Path(src).suffix[1:])
-            ds = datasets.load_dataset(kind, data_files=src, split="train")
-        else:
-            ds = datasets.load_dataset(src, split=d.split)
-    except Exception as exc:  # noqa: BLE001 - any failure to read is bad input
-        raise UserError(f"{src}: cannot read the dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if d.split not in ds:
-            raise UserError(f"{src}: no split {d.split!r} (has {sorted(ds)})")
-        ds = ds[d.split]
-    for col in (d.instruction_column, d.response_column):
-        if col not in ds.column_names:
-            raise UserError(f"{src}: missing column {col!r} (has {ds.column_names})")
-    out = []
-    for r in ds:
-        inst = (r[d.instruction_column] or "").strip()
-        extra = (r.get(d.input_column) or "").strip() if d.input_column else ""
-        if inst and (r[d.response_column] or "").strip():
-            out.append({"instruction": f"{inst}\n\n{extra}" if extra else inst, "response": r[d.response_column].strip()})
-    return out
-
-
-def _rows(run: RunDir, stage: str, name: str) -> list[dict]:
-    from datasets import load_from_disk
-
-    path = Path(run.local(stage), name)
-    return load_from_disk(str(path)).to_list() if path.is_dir() and any(path.iterdir()) else []
-
-
-# ---------------------------------------------------------------------------------------------
-# models: tokenizer, student, teacher
-
-
-def _check_tokenizers(student_tok, teacher_tok, where: str) -> None:
-    """Teacher and student must share a vocabulary: the tiny teacher starts from the student's
-    weights, and a teacher that splits text differently is a different model family (the paper's
-    Llama-3-8B-Instruct teacher and Llama-3-8B student share one; their EOS differs, which is fine:
-    text, not token ids, passes from teacher to student)."""
-    a, b = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if a != b:
-        differ = len(set(a.items()) ^ set(b.items()))
-        raise UserError(f"{where}: the teacher's tokenizer disagrees with the student's "
-                        f"(vocab {len(b)} vs {len(a)}, {differ} entries differ)")
-
-
-def _load_tok(path: str, key: str):
-    from cluster.models import load_tokenizer
-
-    try:
-        return load_tokenizer(path)
-    except Exception as exc:  # noqa: BLE001 - a missing/odd tokenizer is bad input
-        raise UserError(f"{key}: cannot load a tokenizer from {path} ({type(exc).__name__})") from None
-
-
-def check_hub_tokenizers(cfg: MontessoriOptions) -> None:
-    """Before any stage: hub student and teacher tokenizers must agree."""
-    if cfg.student.tiny is not None:
-        return
-    s = _load_tok(cfg.student_tokenizer or cfg.student.name, "student_tokenizer")
-    t = _load_tok(cfg.teacher.tokenizer or cfg.teacher.model, "teacher.tokenizer")
-    _check_tokenizers(s, t, f"teacher.tokenizer ({cfg.teacher.tokenizer or cfg.teacher.model})")
-
-
-def build_student(cfg: MontessoriOptions, run: RunDir) -> tuple[str, str]:
-    """Stages `tokenizer` and `student_init`: (model dir, tokenizer dir) of the untrained student."""
-    from datasets import load_from_disk
-
-    from cluster.models import build_tiny_model, check_pair, load_tokenizer, train_tokenizer
-
-    if cfg.student.tiny is None:
-        return cfg.student.name, cfg.student_tokenizer or cfg.student.name
-    tiny = cfg.student.tiny
-    h = config_hash({"data": _data_hash(cfg), "tiny": tiny.model_dump(), "teacher_tok": cfg.teacher.tokenizer})
-    if not run.done("tokenizer", h):
-        with run.write("tokenizer", h) as out:
-            text = load_from_disk(f"{run.local('data')}/tokenizer_text")["text"]
-            tok = train_tokenizer(text, tiny.vocab_size, out, tiny.max_position_embeddings)
-            if cfg.teacher.tokenizer:
-                _check_tokenizers(tok, _load_tok(cfg.teacher.tokenizer, "teacher.tokenizer"),
-                                  f"teacher.tokenizer ({cfg.teacher.tokenizer})")
-    tok = load_tokenizer(run.local("tokenizer"))
-    h2 = config_hash({"tok": h, "seed": cfg.model_seed})
-    if not run.done("student_init", h2):
-        with run.write("student_init", h2) as out:
-            model = build_tiny_model(tiny, tok, cfg.model_seed, out)
-            print(f"[student] tiny Llama, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
-    check_pair(run.local("student_init"), tok)
-    return run.local("student_init"), run.local("tokenizer")
-
-
-def _fit_one(cfg: MontessoriOptions, run: RunDir, stage: str, h: str, learner: LearnerRun) -> str:
-    """A single learner run written as a stage; returns the trained model's directory."""
-    from cluster.learners import fit
-
-    if not run.done(stage, h):
-        _, ckpt = fit(dataclasses.replace(learner, name=f"{learner.name}-{h}"), absolute(f"{run.uri}/ray"))
-        with run.write(stage, h) as out:
-            ckpt.to_directory(f"{out}/ckpt")
-    return f"{run.local(stage)}/ckpt/model"
-
-
-def pretrain(cfg: MontessoriOptions, run: RunDir, model_dir: str, tok_dir: str) -> str:
+def pretrain(cfg: MontessoriOptions, run: Run, data: Stage, model: str, tok: str) -> str:
     """Stage `pretrain`: the tiny student learns the world's facts from the knowledge corpus."""
     if cfg.pretrain is None:
-        return model_dir
-    h = config_hash(run.fingerprint({"model": model_dir, "p": cfg.pretrain.model_dump(),
-                                     "s": cfg.pretrain_scale.model_dump(), "data": _data_hash(cfg), "seed": cfg.model_seed}))
-    learner = LearnerRun(name=f"{run.run_id}-pretrain", model_dir=model_dir, tokenizer_dir=tok_dir,
-                         phases=[Phase("pretrain", f"{run.local('data')}/corpus", cfg.pretrain)],
-                         scale=cfg.pretrain_scale, seed=cfg.model_seed, tracking=cfg.tracking.for_run(run),
-                         tracking_group=run.group, trust_remote_code=cfg.student.trust_remote_code)
-    return _fit_one(cfg, run, "pretrain", h, learner)
+        return model
+    learner = _learner(cfg, run, model, tok, Phase("pretrain", data.path("corpus.parquet"), cfg.pretrain),
+                       cfg.pretrain_scale, cfg.model_seed, cfg.student.trust_remote_code)
+    stage = run.stage("pretrain", run=learner)
+    return finished(cfg, stage, train_stage(stage, {"base": learner})["base"].model)
 
 
-def build_teacher(cfg: MontessoriOptions, run: RunDir, student_dir: str, tok_dir: str) -> tuple[str, str]:
-    """Stage `teacher`: (model dir, tokenizer dir) of the untrained teacher.
-
-    Tiny: the student's pretrained base, SFT'd to write (instruction, response) examples from a
-    prompt of seed instructions, on a deliberately mediocre mixture (`synth.teacher.TeacherMix`).
-    """
-    if cfg.teacher.model is not None:
-        return cfg.teacher.model, cfg.teacher.tokenizer or cfg.teacher.model
-    h = config_hash(run.fingerprint({"student": student_dir, "sft": cfg.teacher.sft.model_dump(), "data": _data_hash(cfg),
-                                     "s": cfg.pretrain_scale.model_dump()}))
-    learner = LearnerRun(name=f"{run.run_id}-teacher", model_dir=student_dir, tokenizer_dir=tok_dir,
-                         phases=[Phase("teacher_sft", f"{run.local('data')}/teacher_sft", cfg.teacher.sft)],
-                         scale=cfg.pretrain_scale, seed=cfg.model_seed, tracking=cfg.tracking.for_run(run),
-                         tracking_group=run.group)
-    return _fit_one(cfg, run, "teacher", h, learner), tok_dir
+def build_teacher(cfg: MontessoriOptions, run: Run, data: Stage, student: str, tok: str) -> tuple[str, str]:
+    """Stage `teacher`: (model, tokenizer) of the untrained teacher. Tiny: the student's pretrained
+    base SFT'd on a deliberately mediocre mixture (`synth.teacher.TeacherMix`)."""
+    t = cfg.teacher
+    if t.model is not None:
+        return Artifact(t.model), Artifact(t.tokenizer or t.model)
+    learner = _learner(cfg, run, student, tok, Phase("teacher_sft", data.path("teacher_sft.parquet"), t.sft),
+                       cfg.pretrain_scale, cfg.model_seed)
+    stage = run.stage("teacher", run=learner)
+    return finished(cfg, stage, train_stage(stage, {"teacher": learner})["teacher"].model), tok
 
 
-# ---------------------------------------------------------------------------------------------
-# 1. warm-up
+# -- 1. warm-up -------------------------------------------------------------------------------
 
 
-def tokenize_sft(tokenizer, prompt: str, completion: str, max_length: int) -> dict:
-    """As TRL's SFT tokenizes a prompt-completion row: prompt + completion + EOS, truncated, with
-    the loss on completion tokens only (labels -100 on the prompt)."""
-    ids = tokenizer(prompt + completion)["input_ids"]
-    if not ids or ids[-1] != tokenizer.eos_token_id:
-        ids = ids + [tokenizer.eos_token_id]
-    ids = ids[:max_length]
-    n = min(len(tokenizer(prompt)["input_ids"]), len(ids))
-    return {"input_ids": ids, "labels": [-100] * n + ids[n:]}
-
-
-def warm_up_student(model_dir: str, tok_dir: str, rows: list[dict], opts: WarmupOptions, seed: int, out_dir: str) -> dict:
-    """AdamW on the warm-up set, lr ramped linearly to its peak over the whole warm-up (paper:
-    warmup_ratio 1.0); saves weights and optimizer state (`influence.lookahead.save_warm`)."""
-    import torch
-
-    from cluster.models import load_model, load_tokenizer
-    from influence.lookahead import candidate_loss, collate, save_warm
-
-    torch.manual_seed(seed)
-    tok = load_tokenizer(tok_dir)
-    model = load_model(model_dir, attn_implementation="eager", dtype=opts.dtype, device=opts.device)
-    examples = [tokenize_sft(tok, r["prompt"], r["completion"], opts.max_length) for r in rows]
-    opt = torch.optim.AdamW(model.parameters(), lr=opts.learning_rate, weight_decay=opts.weight_decay)
-    steps = opts.epochs * math.ceil(len(examples) / opts.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / steps))
-    rng, losses = random.Random(seed), []
-    model.train()
-    for _ in range(opts.epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for i in range(0, len(order), opts.batch_size):
-            batch = collate([examples[j] for j in order[i : i + opts.batch_size]], tok.pad_token_id)
-            loss = candidate_loss(model, batch)
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-    save_warm(out_dir, model, opt)
-    tok.save_pretrained(out_dir)
-    return {"steps": steps, "peak_lr": opt.param_groups[0]["lr"], "first_loss": losses[0], "last_loss": losses[-1]}
-
-
-def warm_up(cfg: MontessoriOptions, run: RunDir, student_dir: str, tok_dir: str) -> dict[int, str]:
-    """Stage `warmup`: one warm student (weights + AdamW state) per seed, each a Ray task."""
+def warm_up(cfg: MontessoriOptions, run: Run, data: Stage, student: str, tok: str) -> Stage:
+    """Stage `warmup`: one warm student (weights + AdamW state) per seed at `s<seed>`, each a Ray
+    task that writes it to the stage's storage (`influence.warmup.warm_up_student`)."""
     import ray
 
-    h = config_hash(run.fingerprint({"student": student_dir, "w": cfg.warmup.model_dump(), "data": _data_hash(cfg),
-                                     "seeds": cfg.seeds}))
-    if not run.done("warmup", h):
-        rows = _rows(run, "data", "warmup")
+    from influence.warmup import warm_up_student
+
+    stage = run.stage("warmup", student=student, tokenizer=tok, rows=data.path("warmup.parquet"), warmup=cfg.warmup,
+                      seeds=cfg.seeds)
+
+    def build(st: Stage) -> dict:
         task = ray.remote(warm_up_student).options(num_cpus=cfg.warmup.num_cpus, num_gpus=cfg.warmup.num_gpus)
-        with run.write("warmup", h) as out:
-            stats = ray.get([task.remote(student_dir, tok_dir, rows, cfg.warmup, s, f"{out}/s{s}") for s in cfg.seeds])
-            for s, st in zip(cfg.seeds, stats):
-                print(f"[warmup] seed {s}: {st['steps']} steps to lr {st['peak_lr']:.2e}, "
-                      f"loss {st['first_loss']:.3f} -> {st['last_loss']:.3f}", flush=True)
-    return {s: f"{run.local('warmup')}/s{s}" for s in cfg.seeds}
+        stats = ray.get([task.remote(str(student), str(tok), str(data.path("warmup.parquet")), cfg.warmup, s,
+                                     str(st.path(f"s{s}"))) for s in cfg.seeds])
+        for s, x in zip(cfg.seeds, stats):
+            print(f"[warmup] seed {s}: {x['steps']} steps to lr {x['peak_lr']:.2e}, "
+                  f"loss {x['first_loss']:.3f} -> {x['last_loss']:.3f}", flush=True)
+        return {f"s{s}": x for s, x in zip(cfg.seeds, stats)}
+
+    stage.ensure(build)
+    return finished(cfg, stage)
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. candidates from the teacher
+# -- 2. candidates from the teacher -----------------------------------------------------------
 
 
-def _make_generator(teacher_dir: str, tok_dir: str, cfg: MontessoriOptions, banned: list[str]):
-    from synth.teacher import TeacherGenerator
+def candidates(cfg: MontessoriOptions, run: Run, it: int, data: Stage, teachers: dict[int, str], tok: str) -> Stage:
+    """Stage `it<i>-candidates`: per seed, `probes.prompts` prompts x k candidates (table
+    `s<seed>`; the generation pool's resumable shards under `generation/`)."""
+    from synth.teacher import drop_copies, open_teacher, pool_writer, teacher_prompts
 
-    g = cfg.teacher.generation
-    return TeacherGenerator(teacher_dir, tok_dir, cfg.teacher.prompt, cfg.teacher.instruction_sampling,
-                            cfg.teacher.response_sampling, banned_names=banned, device=g.device, dtype=g.dtype,
-                            batch_size=g.batch_size * cfg.teacher.k)
+    t = cfg.teacher
+    stage = run.stage(f"it{it}-candidates", teachers=teachers, tokenizer=tok, seeds=data.path("seeds.parquet"),
+                      banned=data.path("banned.parquet"), teacher=t, prompts=cfg.probes.prompts)
 
+    def build(st: Stage) -> dict:
+        seeds, banned, kept = [r["instruction"] for r in data.rows("seeds")], [r["name"] for r in data.rows("banned")], {}
+        for s in cfg.seeds:
+            prompts = teacher_prompts(seeds, cfg.probes.prompts, t.prompt, seed=derive_seed(s, f"it{it}-probe"),
+                                      prefix=f"s{s}-it{it}-p")
+            with open_teacher(t, teachers[s], tok, banned) as pool:
+                write = pool_writer(pool, st.path("generation", f"s{s}"), t.k, t.generation.batch_size)
+                rows = drop_copies(write(prompts, derive_seed(s, f"it{it}-gen")), prompts)
+            st.save_rows(f"s{s}", rows)
+            kept[f"s{s}"] = sum(r["kept"] for r in rows)
+            print(f"[candidates] it{it} seed {s}: {kept[f's{s}']}/{len(rows)} kept", flush=True)
+        return kept
 
-def open_teacher(cfg: MontessoriOptions, teacher_dir: str, tok_dir: str, banned: list[str]):
-    """One teacher, loaded once (in the driver or on `teacher.generation.num_actors` actors) for
-    every `write_candidates` call made inside the `with` block."""
-    from synth.teacher import open_generator
-
-    g = cfg.teacher.generation
-    return open_generator(functools.partial(_make_generator, teacher_dir, tok_dir, cfg, banned), g.num_actors,
-                          g.cpus_per_actor, g.gpus_per_actor, g.batch_size)
-
-
-def write_candidates(cfg: MontessoriOptions, write, prompts: list[dict], seed: int, seen: set[str] | None) -> list[dict]:
-    """k candidates per prompt from an `open_teacher` writer. As the paper drops near-duplicates, a
-    candidate is dropped when it copies one of its prompt's in-context instructions or an earlier
-    candidate of the same prompt, or (with `seen`, a set carried across calls) any earlier instruction."""
-    rows = write(prompts, cfg.teacher.k, seed)
-    shown = {p["prompt_id"]: set(p["examples"]) for p in prompts}
-    for r in rows:
-        if r["kept"] and (r["instruction"] in shown[r["prompt_id"]] or (seen is not None and r["instruction"] in seen)):
-            r["kept"] = False
-        if r["kept"]:
-            shown[r["prompt_id"]].add(r["instruction"])
-            if seen is not None:
-                seen.add(r["instruction"])
-    return rows
+    stage.ensure(build)
+    return finished(cfg, stage)
 
 
-def candidates_stage(cfg: MontessoriOptions, run: RunDir, it: int, teachers: dict[int, str], tok_dir: str,
-                     h_in: str) -> tuple[dict[int, list[dict]], str]:
-    """Stage `it<i>-candidates`: per seed, `probes.prompts` prompts x k candidates."""
-    from datasets import Dataset
-
-    from synth.teacher import teacher_prompts
-
-    stage = f"it{it}-candidates"
-    h = config_hash(run.fingerprint({"in": h_in, "teachers": teachers, "t": cfg.teacher.model_dump(), "p": cfg.probes.prompts}))
-    if not run.done(stage, h):
-        seeds_rows = _rows(run, "data", "seeds")
-        banned = [r["name"] for r in _rows(run, "data", "banned")]
-        with run.write(stage, h) as out:
-            for s in cfg.seeds:
-                prompts = teacher_prompts([r["instruction"] for r in seeds_rows], cfg.probes.prompts, cfg.teacher.prompt,
-                                          seed=_seed(s, f"it{it}-probe"), prefix=f"s{s}-it{it}-p")
-                with open_teacher(cfg, teachers[s], tok_dir, banned) as write:
-                    rows = write_candidates(cfg, write, prompts, _seed(s, f"it{it}-gen"), None)
-                Dataset.from_list(rows).save_to_disk(f"{out}/s{s}")
-                print(f"[candidates] it{it} seed {s}: {sum(r['kept'] for r in rows)}/{len(rows)} kept", flush=True)
-    return {s: _rows(run, stage, f"s{s}") for s in cfg.seeds}, h
+# -- 3. local data influence on the probe pool ------------------------------------------------
 
 
-def _seed(seed: int, tag: str) -> int:
-    return random.Random(f"{seed}-{tag}").randrange(2**31)
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. local data influence on the probe pool
-
-
-def make_scorer(warm_dir: str, reference: list[dict], max_length: int, batch_size: int, device: str):
-    """Runs once per probe actor: the warm student and its AdamW state, loaded into memory."""
-    from cluster.models import load_tokenizer
-    from influence.lookahead import ExactScorer, batched, load_warm
-
-    tok = load_tokenizer(warm_dir)
-    state = load_warm(warm_dir, device=device)  # in the dtype the warm-up saved
-    ref = [tokenize_sft(tok, r["prompt"], r["completion"], max_length) for r in reference]
-    return ExactScorer(state, batched(ref, batch_size, tok.pad_token_id))
-
-
-def influence_stage(cfg: MontessoriOptions, run: RunDir, it: int, cands: dict[int, list[dict]], warm: dict[int, str],
-                    tok_dir: str, h_in: str) -> tuple[dict[int, dict[str, float]], dict[int, dict], str]:
-    """Stage `it<i>-influence`: I(z) for every kept candidate, on a `cluster.probes.ProbePool` per seed."""
+def influence(cfg: MontessoriOptions, run: Run, it: int, data: Stage, cands: Stage, warm: Stage, tok: str) -> Stage:
+    """Stage `it<i>-influence`: I(z) of every kept candidate (table `s<seed>/scores`), on a
+    `cluster.probes.ProbePool` per seed whose actors load the warm state from the stage's storage."""
     from cluster.models import load_tokenizer
     from cluster.probes import ProbePool
+    from influence.warmup import tokenize_sft, warm_scorer
 
-    stage = f"it{it}-influence"
-    h = config_hash(run.fingerprint({"in": h_in, "warm": warm, "p": cfg.probes.model_dump(exclude={"prompts"}),
-                                     "w": cfg.warmup.max_length}))
-    if not run.done(stage, h):
-        tok = load_tokenizer(tok_dir)
-        reference = _rows(run, "data", "reference")
-        p, stats = cfg.probes, {}
-        with run.write(stage, h) as out:
-            for s in cfg.seeds:
-                items = [{"id": c["id"], **tokenize_sft(tok, cfg.student_template.format(instruction=c["instruction"]),
-                                                         c["response"], cfg.warmup.max_length)}
-                         for c in cands[s] if c["kept"]]
-                make = functools.partial(make_scorer, warm[s], reference, cfg.warmup.max_length,
-                                         p.reference_batch_size, p.device)
-                t0 = time.time()
-                with ProbePool(make, num_actors=p.num_actors, num_cpus_per_actor=p.cpus_per_actor,
-                               num_gpus_per_actor=p.gpus_per_actor) as pool:
-                    pool.wait_ready()
-                    L0 = _reference_loss_on(pool)
-                    pool.run(items, "id", f"{out}/s{s}", batch_size=p.batch_size, score_column="influence")
-                stats[s] = {"warm_L0": L0, "probe_seconds": time.time() - t0}
-                print(f"[influence] it{it} seed {s}: {len(items)} candidates in {stats[s]['probe_seconds']:.0f} s "
-                      f"(reference loss of the warm student {L0:.4f})", flush=True)
-            Path(out, "stats.json").write_text(json.dumps({str(k): v for k, v in stats.items()}))
-    from datasets import load_from_disk
+    p, n = cfg.probes, cfg.warmup.max_length
+    stage = run.stage(f"it{it}-influence", candidates=cands, warm=warm, reference=data.path("reference.parquet"),
+                      tokenizer=tok, template=cfg.student_template, max_length=n, probes=p)
 
-    scores = {}
-    for s in cfg.seeds:
-        ds = load_from_disk(f"{run.local(stage)}/s{s}/scores")
-        scores[s] = dict(zip(ds["id"], ds["influence"]))
-    stats = {int(k): v for k, v in json.loads(Path(run.local(stage), "stats.json").read_text()).items()}
-    return scores, stats, h
+    def build(st: Stage) -> dict:
+        tokenizer, stats = load_tokenizer(fetch(tok)), {}
+        for s in cfg.seeds:
+            items = [{"id": c["id"], **tokenize_sft(tokenizer, cfg.student_template.format(instruction=c["instruction"]),
+                                                     c["response"], n)} for c in cands.rows(f"s{s}") if c["kept"]]
+            make = functools.partial(warm_scorer, str(warm.path(f"s{s}")), str(data.path("reference.parquet")), n,
+                                     p.reference_batch_size, p.device)
+            t0 = time.time()
+            with ProbePool(make, p.num_actors, p.cpus_per_actor, p.gpus_per_actor) as pool:
+                pool.wait_ready()
+                L0 = float(pool.call(lambda scorer: scorer.L0))  # the warm student's reference loss
+                pool.run(items, "id", out=st.path(f"s{s}"), batch_size=p.batch_size, score_column="influence")
+            stats[f"s{s}"] = {"warm_L0": L0, "probe_seconds": time.time() - t0}
+            print(f"[influence] it{it} seed {s}: {len(items)} candidates in {stats[f's{s}']['probe_seconds']:.0f} s "
+                  f"(reference loss of the warm student {L0:.4f})", flush=True)
+        return stats
+
+    stage.ensure(build)
+    return finished(cfg, stage)
 
 
-def _reference_loss_on(pool) -> float:
-    """L0, the warm student's reference loss, as the first probe actor computed it (for the report)."""
-    import ray
-
-    return float(ray.get(pool.actors[0].__ray_call__.remote(lambda self: self._scorer.L0)))
+# -- 4-5. preference pairs and teacher DPO ----------------------------------------------------
 
 
-# ---------------------------------------------------------------------------------------------
-# 4-5. preference pairs and teacher DPO
+def pairs(cfg: MontessoriOptions, run: Run, it: int, cands: Stage, infl: Stage) -> tuple[Stage, list[Arm]]:
+    """Stage `it<i>-pairs`: a DPO table per seed (and the random-pair ablation at iteration 1)."""
+    from synth.teacher import dpo_row, preference_pairs, random_pairs
 
+    arms = [Arm(s, v) for s in cfg.seeds for v in [MONTESSORI] + ([RANDOM] if cfg.ablation and it == 1 else [])]
+    stage = run.stage(f"it{it}-pairs", candidates=cands, influence=infl, arms=arms, chat=cfg.teacher.prompt.chat)
 
-def pairs_stage(cfg: MontessoriOptions, run: RunDir, it: int, cands: dict[int, list[dict]],
-                scores: dict[int, dict[str, float]], tok_dir: str, h_in: str) -> tuple[dict[str, str], dict, str]:
-    """Stage `it<i>-pairs`: DPO datasets per seed (and the random-pair ablation at iteration 1)."""
-    from datasets import Dataset
-
-    from synth.teacher import preference_pairs, random_pairs
-
-    stage = f"it{it}-pairs"
-    variants = [MONTESSORI] + ([RANDOM] if cfg.ablation and it == 1 else [])
-    h = config_hash({"in": h_in, "variants": variants})
-    if not run.done(stage, h):
+    def build(st: Stage) -> dict:
         counts = {}
-        with run.write(stage, h) as out:
-            for s in cfg.seeds:
-                kept = [c for c in cands[s] if c["kept"] and c["id"] in scores[s]]
-                made = {MONTESSORI: preference_pairs(kept, scores[s])}
-                if RANDOM in variants:
-                    made[RANDOM] = random_pairs(kept, scores[s], _seed(s, f"it{it}-random"))
-                for v, rows in made.items():
-                    if not rows:
-                        pos = sum(scores[s][c["id"]] > 0 for c in kept)
-                        raise UserError(f"iteration {it}, seed {s}: no prompt has both a positive and a negative candidate "
-                                        f"({pos} of {len(kept)} positive), nothing to DPO on: a longer warm-up "
-                                        "(warmup.epochs) or more prompts (probes.prompts) gives both signs")
-                    Dataset.from_list([_dpo_row(cfg, r) for r in rows]).save_to_disk(f"{out}/s{s}-{v}")
-                    counts[f"s{s}-{v}"] = {"pairs": len(rows), "prompts": len({r["prompt_id"] for r in rows})}
-            Path(out, "counts.json").write_text(json.dumps(counts))
-    counts = json.loads(Path(run.local(stage), "counts.json").read_text())
-    return {k: f"{run.local(stage)}/{k}" for k in counts}, counts, h
+        for arm in arms:
+            scores = {r["id"]: r["influence"] for r in infl.rows(f"s{arm.seed}/scores")}
+            kept = [c for c in cands.rows(f"s{arm.seed}") if c["kept"] and c["id"] in scores]
+            rows = (preference_pairs(kept, scores) if arm.teacher == MONTESSORI
+                    else random_pairs(kept, scores, derive_seed(arm.seed, f"it{it}-random")))
+            if not rows:
+                raise UserError(f"iteration {it}, seed {arm.seed}: no prompt has both a positive and a negative candidate "
+                                f"({sum(scores[c['id']] > 0 for c in kept)} of {len(kept)} positive), nothing to DPO on: "
+                                "a longer warm-up (warmup.epochs) or more prompts (probes.prompts) gives both signs")
+            st.save_rows(arm.key, [dpo_row(r, cfg.teacher.prompt.chat) for r in rows])
+            counts[arm.key] = {"pairs": len(rows), "prompts": len({r["prompt_id"] for r in rows})}
+        return counts
+
+    stage.ensure(build)
+    return finished(cfg, stage), arms
 
 
-def _dpo_row(cfg: MontessoriOptions, pair: dict) -> dict:
-    """TRL's preference format; conversational for chat teachers (TRL applies the template)."""
-    if cfg.teacher.prompt.chat:
-        return {"prompt": [{"role": "user", "content": pair["prompt"]}],
-                "chosen": [{"role": "assistant", "content": pair["chosen"]}],
-                "rejected": [{"role": "assistant", "content": pair["rejected"]}]}
-    return {"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"]}
+def dpo(cfg: MontessoriOptions, run: Run, it: int, pairs: Stage, arms: list[Arm], teachers: dict[int, str],
+        tok: str) -> dict[Arm, Trained]:
+    """Stage `it<i>-dpo`: one DPO learner run per arm, each against a frozen copy of its teacher."""
+    runs = {a: _learner(cfg, run, teachers[a.seed], tok,
+                        Phase("dpo", pairs.path(f"{a.key}.parquet"), cfg.dpo, objective="dpo", ref_model=teachers[a.seed]),
+                        cfg.dpo_scale, a.seed, bool(cfg.teacher.model) and cfg.student.trust_remote_code,
+                        {"seed": a.seed, "iteration": it, "pairs": a.teacher}) for a in arms}
+    stage = run.stage(f"it{it}-dpo", runs=_by_key(runs))
+    trained = train_stage(stage, _by_key(runs), max_concurrent_trials=cfg.max_concurrent_trials)
+    return finished(cfg, stage, {a: trained[a.key] for a in arms})
 
 
-def dpo_stage(cfg: MontessoriOptions, run: RunDir, it: int, teachers: dict[int, str], data: dict[str, str],
-              tok_dir: str, h_in: str) -> tuple[dict[str, str], dict[str, dict], str]:
-    """Stage `it<i>-dpo`: one DPO learner run per seed (x variant), each against its frozen start."""
-    runs = {}
-    for key, path in data.items():
-        s = int(key.split("-")[0][1:])
-        runs[key] = LearnerRun(
-            name=f"{run.run_id}-it{it}-dpo-{key}", model_dir=teachers[s], tokenizer_dir=tok_dir,
-            phases=[Phase("dpo", path, cfg.dpo, kind="dpo", ref_model_dir=teachers[s])], scale=cfg.dpo_scale, seed=s,
-            tracking=cfg.tracking.for_run(run), tracking_group=run.group,
-            tracking_config={"seed": s, "iteration": it, "pairs": key.split("-", 1)[1]},
-            trust_remote_code=bool(cfg.teacher.model) and cfg.student.trust_remote_code)
-    h = config_hash(run.fingerprint({"in": h_in, "dpo": cfg.dpo.model_dump(), "scale": cfg.dpo_scale.model_dump(),
-                                     "teachers": teachers}))
-    return _fit_many(cfg, run, f"it{it}-dpo", h, runs, cfg.dpo_scale)
+# -- 6. final synthetic sets, student SFT, evaluation -----------------------------------------
 
 
-def _learner_trial(config: dict) -> dict:
-    """One Tune trial = one learner run; returns its metrics and final checkpoint path."""
-    from cluster.learners import fit
+def final_sets(cfg: MontessoriOptions, run: Run, it: int, data: Stage, writers: dict[Arm, str], tok: str) -> Stage:
+    """Stage `it<i>-final`: each teacher writes `final_size` kept, distinct examples (table per
+    arm) from the same prompts and sampling seeds as every other teacher of its seed."""
+    from synth.teacher import final_set, open_teacher, pool_writer
 
-    key, ctx = config["key"], config["ctx"]
-    metrics, ckpt = fit(ctx["runs"][key], ctx["storage"], in_tune=True)
-    return {"key": key, "checkpoint": ckpt.path, **{k: v for k, v in metrics.items() if "/" in k}}
+    t = cfg.teacher
+    stage = run.stage(f"it{it}-final", writers=_by_key(writers), tokenizer=tok, seeds=data.path("seeds.parquet"),
+                      banned=data.path("banned.parquet"), teacher=t, size=cfg.final_size, template=cfg.student_template)
 
+    def build(st: Stage) -> list[str]:
+        seeds, banned = [r["instruction"] for r in data.rows("seeds")], [r["name"] for r in data.rows("banned")]
+        for arm in sorted(writers, key=lambda a: a.key):
+            with open_teacher(t, writers[arm], tok, banned) as pool:  # one teacher load for every round
+                write = pool_writer(pool, st.path("generation", arm.key), t.k, t.generation.batch_size)
+                rows = final_set(write, seeds, cfg.final_size, t.prompt, t.k, t.dedup, arm.seed, f"it{it} {arm.key}")
+            st.save_rows(arm.key, [{"prompt": cfg.student_template.format(instruction=r["instruction"]),
+                                    "completion": r["response"], "instruction": r["instruction"]} for r in rows])
+            print(f"[final] it{it} {arm.key}: {len(rows)} examples", flush=True)
+        return sorted(a.key for a in writers)
 
-def _fit_many(cfg: MontessoriOptions, run: RunDir, stage: str, h: str, runs: dict[str, LearnerRun],
-              scale: ScaleOptions) -> tuple[dict[str, str], dict[str, dict], str]:
-    """Learner runs side by side as a Ray Tune sweep (one trial each); models copied into the stage."""
-    import ray.tune as tune
-
-    from cluster.runtime import cluster_resources
-    from cluster.sweep import max_concurrent, run_sweep
-
-    if not run.done(stage, h):
-        # a run's name is its checkpoint folder: with the inputs' hash in it, a changed input never
-        # resumes a stale run, while a re-run of the same stage resumes its own
-        runs = {k: dataclasses.replace(r, name=f"{r.name}-{h}") for k, r in runs.items()}
-        storage = absolute(f"{run.uri}/ray")
-        n = max_concurrent(cluster_resources(), scale.num_workers, scale.cpus_per_worker, scale.use_gpu,
-                           cfg.max_concurrent_trials)
-        print(f"[{stage}] {len(runs)} learner runs, {n} at a time", flush=True)
-        space = {"key": tune.grid_search(sorted(runs)), "ctx": {"runs": runs, "storage": storage}}
-        grid = run_sweep(_learner_trial, space, name=f"{stage}-{h}", storage_path=storage, concurrency=n)
-        failed = [r for r in grid if r.error]
-        if failed:
-            raise RuntimeError(f"{stage}: {len(failed)} learner run(s) failed, first: {failed[0].error}")
-        with run.write(stage, h) as out:
-            metrics = {}
-            for res in grid:
-                key = res.metrics["key"]
-                _checkpoint(res.metrics["checkpoint"], storage).to_directory(f"{out}/{key}")
-                metrics[key] = {k: v for k, v in res.metrics.items() if "/" in k and isinstance(v, (int, float))}
-            Path(out, "metrics.json").write_text(json.dumps(metrics))
-    metrics = json.loads(Path(run.local(stage), "metrics.json").read_text())
-    return {k: f"{run.local(stage)}/{k}/model" for k in metrics}, metrics, h
+    stage.ensure(build)
+    return finished(cfg, stage)
 
 
-def _checkpoint(path: str, storage: str):
-    import ray.train
-
-    if is_remote(storage):
-        import pyarrow.fs
-
-        fs, _ = pyarrow.fs.FileSystem.from_uri(storage)
-        return ray.train.Checkpoint(path, filesystem=fs)
-    return ray.train.Checkpoint(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. final synthetic sets, student SFT, evaluation
+def train_students(cfg: MontessoriOptions, run: Run, it: int, final: Stage, arms: list[Arm], student: str,
+                   tok: str) -> dict[Arm, Trained]:
+    """Stage `it<i>-sft`: a fresh copy of the student SFT'd on each final set."""
+    runs = {a: _learner(cfg, run, student, tok, Phase("sft", final.path(f"{a.key}.parquet"), cfg.sft), cfg.scale,
+                        a.seed, cfg.student.trust_remote_code, {"iteration": it, "teacher": a.teacher}) for a in arms}
+    stage = run.stage(f"it{it}-sft", runs=_by_key(runs))
+    trained = train_stage(stage, _by_key(runs), max_concurrent_trials=cfg.max_concurrent_trials)
+    return finished(cfg, stage, {a: trained[a.key] for a in arms})
 
 
-FINAL_ROUNDS = 20  # generation rounds for distinct examples, then as many allowing repeats
-
-
-def final_stage(cfg: MontessoriOptions, run: RunDir, it: int, teachers: dict[str, str], tok_dir: str,
-                h_in: str) -> tuple[dict[str, str], str]:
-    """Stage `it<i>-final`: each teacher writes `final_size` kept, distinct examples from the same
-    prompts and sampling seed as every other teacher of that seed (only the teacher differs)."""
-    from datasets import Dataset
-
-    stage = f"it{it}-final"
-    h = config_hash(run.fingerprint({"in": h_in, "teachers": teachers, "n": cfg.final_size, "t": cfg.teacher.model_dump()}))
-    if not run.done(stage, h):
-        seeds_rows = _rows(run, "data", "seeds")
-        banned = [r["name"] for r in _rows(run, "data", "banned")]
-        with run.write(stage, h) as out:
-            for key, tdir in sorted(teachers.items()):
-                s = int(key.split("-")[0][1:])
-                with open_teacher(cfg, tdir, tok_dir, banned) as write:
-                    rows = _final_rows(cfg, write, seeds_rows, s, f"it{it} {key}")
-                if len(rows) < cfg.final_size:
-                    raise RuntimeError(f"teacher {key} wrote only {len(rows)} usable examples in {2 * FINAL_ROUNDS} rounds "
-                                       "(see the candidates stage's kept counts)")
-                rows = rows[: cfg.final_size]
-                Dataset.from_list([{"prompt": cfg.student_template.format(instruction=r["instruction"]),
-                                    "completion": r["response"], "instruction": r["instruction"]} for r in rows]
-                                  ).save_to_disk(f"{out}/{key}")
-                print(f"[final] it{it} {key}: {len(rows)} examples", flush=True)
-    return {k: f"{run.local(stage)}/{k}" for k in teachers}, h
-
-
-def _final_rows(cfg: MontessoriOptions, write, seeds_rows: list[dict], s: int, label: str) -> list[dict]:
-    """Kept examples from one teacher, round after round of fresh prompts, until `final_size`."""
-    from synth.teacher import teacher_prompts
-
-    rows, seen = [], set() if cfg.teacher.dedup else None
-    for rnd in range(2 * FINAL_ROUNDS):
-        if len(rows) >= cfg.final_size:
-            break
-        if rnd == FINAL_ROUNDS and seen is not None:
-            # a teacher DPO has narrowed may not have final_size distinct instructions in it: the
-            # set keeps its size (the comparison is per example) and repeats; the report's
-            # `distinct` column shows it
-            print(f"[final] {label}: only {len(rows)} distinct examples in {FINAL_ROUNDS} rounds; "
-                  "topping up with repeats", flush=True)
-            seen = None
-        need = max(16, math.ceil((cfg.final_size - len(rows)) * 1.25 / cfg.teacher.k) + 1)
-        prompts = teacher_prompts([r["instruction"] for r in seeds_rows], need, cfg.teacher.prompt,
-                                  seed=_seed(s, f"final-{rnd}"), prefix=f"s{s}-final{rnd}-p")
-        rows += [r for r in write_candidates(cfg, write, prompts, _seed(s, f"final-gen-{rnd}"), seen) if r["kept"]]
-    return rows
-
-
-def students_stage(cfg: MontessoriOptions, run: RunDir, it: int, sets: dict[str, str], student_dir: str,
-                   tok_dir: str, h_in: str) -> tuple[dict[str, dict], str]:
-    """Stage `it<i>-students`: SFT a fresh student on each final set; evaluate each (Ray tasks)."""
+def evaluate_students(cfg: MontessoriOptions, run: Run, it: int, data: Stage, students: dict[Arm, Trained],
+                      tok: str) -> dict[Arm, dict]:
+    """Stage `it<i>-students`: held-out scores of every student, one Ray task each (`evals.heldout`)."""
     import ray
 
-    from datasets import Dataset, load_from_disk
+    from evals.heldout import evaluate_student
 
-    runs = {key: LearnerRun(name=f"{run.run_id}-it{it}-sft-{key}", model_dir=student_dir, tokenizer_dir=tok_dir,
-                            phases=[Phase("sft", path, cfg.sft)], scale=cfg.scale, seed=int(key.split("-")[0][1:]),
-                            tracking=cfg.tracking.for_run(run), tracking_group=run.group,
-                            tracking_config={"iteration": it, "teacher": key.split("-", 1)[1]},
-                            trust_remote_code=cfg.student.trust_remote_code)
-            for key, path in sets.items()}
-    h_fit = config_hash(run.fingerprint({"in": h_in, "sft": cfg.sft.model_dump(), "scale": cfg.scale.model_dump(),
-                                         "base": student_dir}))
-    models, _, _ = _fit_many(cfg, run, f"it{it}-sft", h_fit, runs, cfg.scale)
-    stage = f"it{it}-students"
-    h = config_hash({"in": h_fit, "eval": cfg.eval.model_dump()})
-    if not run.done(stage, h):
-        evaluation = _rows(run, "data", "evaluation")
+    evaluation = data.path("evaluation.parquet")
+    stage = run.stage(f"it{it}-students", students={a.key: s.model for a, s in students.items()}, tokenizer=tok,
+                      evaluation=evaluation, eval=cfg.eval, max_length=cfg.warmup.max_length)
+
+    def build(st: Stage) -> dict:
         task = ray.remote(evaluate_student).options(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus)
-        keys = sorted(models)
-        results = ray.get([task.remote(models[k], tok_dir, evaluation, cfg.eval, cfg.warmup.max_length) for k in keys])
-        with run.write(stage, h) as out:
-            Dataset.from_list([{"key": k, **r} for k, r in zip(keys, results)]).save_to_disk(f"{out}/results")
-    res = load_from_disk(f"{run.local(stage)}/results").to_list()
-    return {r.pop("key"): r for r in res}, h
+        arms = sorted(students, key=lambda a: a.key)
+        results = ray.get([task.remote(str(students[a].model), str(tok), str(evaluation), cfg.eval,
+                                       cfg.warmup.max_length) for a in arms])
+        return {a.key: r for a, r in zip(arms, results)}
+
+    results = stage.ensure(build)
+    return finished(cfg, stage, {a: results[a.key] for a in students})
 
 
-def evaluate_student(model_dir: str, tok_dir: str, evaluation: list[dict], opts: EvalOptions, max_length: int) -> dict:
-    """Held-out scores of one student: per-item loss on the reference answers (and the mean over
-    tokens), exact answers where the data has them, harness benchmarks if configured."""
-    import torch
-
-    from cluster.models import load_model, load_tokenizer
-    from evals.qa import generate
-    from influence.lookahead import batched, n_tokens, to_device, token_nll
-    from synth.world import parse_answer
-
-    tok = load_tokenizer(tok_dir)
-    model = load_model(model_dir, dtype=opts.dtype, device=opts.device).eval()
-    examples = [tokenize_sft(tok, r["prompt"], r["completion"], max_length) for r in evaluation]
-    item_loss, total, count = [], 0.0, 0
-    with torch.no_grad():
-        for b in batched(examples, opts.batch_size, tok.pad_token_id):
-            b = to_device(b, model)
-            nll = token_nll(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-            per = (b["labels"][:, 1:] != -100).sum(1).clamp(min=1)
-            item_loss += (nll.sum(1) / per).double().cpu().tolist()
-            total += float(nll.double().sum())
-            count += n_tokens(b)
-    out = {"heldout_loss": total / count, "item_loss": item_loss, "accuracy": None, "answered_rate": None,
-           "item_correct": []}
-    if evaluation and evaluation[0].get("answer") is not None:
-        answers = [parse_answer(t) for t in generate(model, tok, [r["prompt"] for r in evaluation], opts.max_new_tokens,
-                                                     opts.batch_size)]
-        correct = [a == r["answer"] for a, r in zip(answers, evaluation)]
-        out.update(accuracy=sum(correct) / len(correct), answered_rate=sum(a is not None for a in answers) / len(answers),
-                   item_correct=correct)
-    if opts.harness is not None:
-        from evals.harness import evaluate_with_harness
-
-        out["harness"] = json.dumps(evaluate_with_harness(model_dir, opts.harness, opts.device))
-    return out
+# -- the method, iteration by iteration -------------------------------------------------------
 
 
-# ---------------------------------------------------------------------------------------------
-# the method, iteration by iteration
-
-
-def montessori(cfg: MontessoriOptions, run: RunDir) -> dict:
-    """Steps 1-6 for every seed and iteration; returns everything the report needs."""
-    student_init, tok_dir = build_student(cfg, run)
-    from cluster.runtime import init_ray
-
-    init_ray(cfg.ray, cfg.storage)
-    student = pretrain(cfg, run, student_init, tok_dir)
-    teacher0, teacher_tok = build_teacher(cfg, run, student, tok_dir)
-    warm = warm_up(cfg, run, student, tok_dir)
-    teachers = {s: teacher0 for s in cfg.seeds}
-    h = config_hash(run.fingerprint({"student": student, "teacher": teacher0, "warm": warm, "data": _data_hash(cfg)}))
-    out = {"evals": {}, "probes": [], "candidates": {}, "scores": {}, "sets": {}, "dpo": {}}
+def montessori(cfg: MontessoriOptions, run: Run) -> list[Iteration]:
+    """Steps 1-6 for every seed and iteration (StopAfter once `cfg.stop_after` is done)."""
+    data = build_data(cfg, run)
+    student0, tok = build_student(cfg, run, data)
+    init_ray(cfg.ray)
+    student = pretrain(cfg, run, data, student0, tok)
+    teacher0, teacher_tok = build_teacher(cfg, run, data, student, tok)
+    warm = warm_up(cfg, run, data, student, tok)
+    teachers, out = {s: teacher0 for s in cfg.seeds}, []
     for it in range(1, cfg.iterations + 1):
-        cands, h = candidates_stage(cfg, run, it, teachers, teacher_tok, h)
-        scores, stats, h = influence_stage(cfg, run, it, cands, warm, tok_dir, h)
-        pair_data, counts, h = pairs_stage(cfg, run, it, cands, scores, tok_dir, h)
-        trained, dpo_metrics, h = dpo_stage(cfg, run, it, teachers, pair_data, teacher_tok, h)
-        writers = dict(trained)
-        if it == 1:
-            writers.update({f"s{s}-{UNTRAINED}": teacher0 for s in cfg.seeds})
-        sets, h = final_stage(cfg, run, it, writers, teacher_tok, h)
-        evals, h = students_stage(cfg, run, it, sets, student, tok_dir, h)
-        out["evals"][it] = evals
-        out["sets"][it] = {k: _set_rows(p) for k, p in sets.items()}
-        out["candidates"][it], out["scores"][it], out["dpo"][it] = cands, scores, dpo_metrics
-        out["probes"] += [{"seed": s, "iteration": it, **stats[s], **counts.get(f"s{s}-{MONTESSORI}", {}),
-                           "random_pairs": counts.get(f"s{s}-{RANDOM}", {}).get("pairs")} for s in cfg.seeds]
-        teachers = {s: trained[f"s{s}-{MONTESSORI}"] for s in cfg.seeds}
+        cands = candidates(cfg, run, it, data, teachers, teacher_tok)
+        infl = influence(cfg, run, it, data, cands, warm, tok)
+        pair_stage, arms = pairs(cfg, run, it, cands, infl)
+        trained = dpo(cfg, run, it, pair_stage, arms, teachers, teacher_tok)
+        writers = {a: t.model for a, t in trained.items()}
+        if it == 1:  # the Self-Instruct baseline: the untrained teacher, once per seed
+            writers.update({Arm(s, UNTRAINED): teacher0 for s in cfg.seeds})
+        final = final_sets(cfg, run, it, data, writers, teacher_tok)
+        students = train_students(cfg, run, it, final, list(writers), student, tok)
+        evals = evaluate_students(cfg, run, it, data, students, tok)
+        out.append(Iteration(it, cands, infl, pair_stage, trained, final, evals))
+        teachers = {s: trained[Arm(s, MONTESSORI)].model for s in cfg.seeds}
     return out
 
 
-def _set_rows(path: str) -> list[dict]:
-    from datasets import load_from_disk
-
-    return load_from_disk(path).to_list()
+# -- the job -----------------------------------------------------------------------------------
 
 
-# ---------------------------------------------------------------------------------------------
-# the comparison: summary.json, report.md, plot, W&B
+def run(cfg: MontessoriOptions) -> dict | None:
+    from jobs.montessori_report import report
 
-
-def summarize(cfg: MontessoriOptions, res: dict) -> tuple[list[dict], list[dict], dict, list[dict]]:
-    """(rows, probe rows, findings, probe table) as documented in the module docstring."""
-    world = _world(cfg)
-    rows, probe_table = [], []
-    for it, evals in res["evals"].items():
-        for key, e in sorted(evals.items()):
-            s, teacher = int(key.split("-")[0][1:]), key.split("-", 1)[1]
-            base = res["evals"][1][f"s{s}-{UNTRAINED}"]
-            set_rows = res["sets"][it][key]
-            row = {"seed": s, "iteration": it, "teacher": teacher, "examples": len(set_rows),
-                   "distinct": len({r["instruction"] for r in set_rows}),
-                   "accuracy": e["accuracy"], "heldout_loss": e["heldout_loss"], "answered_rate": e["answered_rate"],
-                   "win_rate": _win_rate(base["item_loss"], e["item_loss"], lower_wins=True),
-                   "acc_win_rate": _win_rate(base["item_correct"], e["item_correct"]) if e["item_correct"] else None}
-            if world is not None:
-                row.update(_composition(world, res["sets"][it][key]))
-            if e.get("harness"):
-                row.update({f"harness/{k}": v for k, v in json.loads(e["harness"]).items()})
-            rows.append(row)
-    probes = []
-    for p in res["probes"]:
-        s, it = p["seed"], p["iteration"]
-        cands, scores = res["candidates"][it][s], res["scores"][it][s]
-        vals = [scores[c["id"]] for c in cands if c["id"] in scores]
-        row = {"seed": s, "iteration": it, "candidates": len(cands), "kept": len(vals),
-               "positive_share": sum(v > 0 for v in vals) / max(len(vals), 1),
-               "mean_influence": sum(vals) / max(len(vals), 1), "pairs": p.get("pairs"),
-               "prompts_with_pairs": p.get("prompts"), "random_pairs": p.get("random_pairs"),
-               "warm_L0": p["warm_L0"], "probe_seconds": p["probe_seconds"]}
-        dpo = res["dpo"][it].get(f"s{s}-{MONTESSORI}", {})
-        row["dpo_train_loss"] = dpo.get("dpo/train_loss")
-        by_kind: dict[str, list[float]] = {}
-        for c in cands:
-            if c["id"] not in scores:
-                continue
-            kind = _classify(world, c)["kind"] if world is not None else None
-            probe_table.append({"seed": s, "iteration": it, "id": c["id"], "instruction": c["instruction"],
-                                "response": c["response"], "kind": kind, "influence": scores[c["id"]]})
-            if kind:
-                by_kind.setdefault(kind, []).append(scores[c["id"]])
-        row.update({f"influence_{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())})
-        probes.append(row)
-    return rows, probes, _findings(cfg, rows), probe_table
-
-
-def _findings(cfg: MontessoriOptions, rows: list[dict]) -> dict:
-    def get(s, it, teacher, key):
-        return next((r[key] for r in rows if r["seed"] == s and r["iteration"] == it and r["teacher"] == teacher), None)
-
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
-    f: dict = {"by_iteration": {}}
-    for it in sorted({r["iteration"] for r in rows}):
-        acc = [get(s, it, MONTESSORI, "accuracy") - get(s, 1, UNTRAINED, "accuracy") for s in cfg.seeds
-               if get(s, it, MONTESSORI, "accuracy") is not None]
-        loss = [get(s, 1, UNTRAINED, "heldout_loss") - get(s, it, MONTESSORI, "heldout_loss") for s in cfg.seeds]
-        f["by_iteration"][str(it)] = {
-            "accuracy_gain": mean(acc), "loss_gain": mean(loss), "min_loss_gain": min(loss),
-            "min_accuracy_gain": min(acc) if acc else None,
-            "seeds_better_loss": sum(x > 0 for x in loss), "seeds_better_accuracy": sum(x > 0 for x in acc),
-            "win_rate": mean([get(s, it, MONTESSORI, "win_rate") for s in cfg.seeds]),
-        }
-    last = f["by_iteration"][str(max(r["iteration"] for r in rows))]
-    f.update({"accuracy_gain": last["accuracy_gain"], "loss_gain": last["loss_gain"],
-              "seeds": len(cfg.seeds)})
-    if any(r["teacher"] == RANDOM for r in rows):
-        acc = [get(s, 1, MONTESSORI, "accuracy") - get(s, 1, RANDOM, "accuracy") for s in cfg.seeds
-               if get(s, 1, RANDOM, "accuracy") is not None]
-        loss = [get(s, 1, RANDOM, "heldout_loss") - get(s, 1, MONTESSORI, "heldout_loss") for s in cfg.seeds]
-        f.update({"influence_vs_random_accuracy": mean(acc) if acc else None, "influence_vs_random_loss": mean(loss),
-                  "random_vs_untrained_loss": mean([get(s, 1, UNTRAINED, "heldout_loss") - get(s, 1, RANDOM, "heldout_loss")
-                                                    for s in cfg.seeds])})
-    return f
-
-
-def _win_rate(base: list, other: list, lower_wins: bool = False) -> float | None:
-    if not base or len(base) != len(other):
-        return None
-    score = 0.0
-    for a, b in zip(base, other):
-        if a == b:
-            score += 0.5
-        elif (b < a) if lower_wins else (b > a):
-            score += 1.0
-    return score / len(base)
-
-
-def _world(cfg: MontessoriOptions):
-    if cfg.data.source != "world":
-        return None
-    from synth import world as W
-
-    return W.build_world(cfg.data.world)
-
-
-def _classify(world, c: dict) -> dict:
-    from synth.teacher import classify
-
-    return classify(world, c["instruction"], c.get("response") or c.get("completion", ""))
-
-
-def _composition(world, set_rows: list[dict]) -> dict:
-    from synth.teacher import KINDS
-
-    kinds = [_classify(world, r) for r in set_rows]
-    n = max(len(kinds), 1)
-    out = {f"share_{k}": sum(x["kind"] == k for x in kinds) / n for k in (*KINDS, "other")}
-    out["share_correct"] = sum(x["correct"] for x in kinds) / n
-    return out
-
-
-def plot(rows: list[dict], probe_table: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    has_acc = rows[0]["accuracy"] is not None
-    panels = ["heldout_loss"] + (["accuracy"] if has_acc else [])
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4))
-    seeds = sorted({r["seed"] for r in rows})
-    iters = sorted({r["iteration"] for r in rows})
-    for ax, key in zip(axes, panels):
-        for s in seeds:
-            base = next(r[key] for r in rows if r["seed"] == s and r["teacher"] == UNTRAINED)
-            ys = [next(r[key] for r in rows if r["seed"] == s and r["iteration"] == i and r["teacher"] == MONTESSORI) for i in iters]
-            line, = ax.plot([0] + iters, [base] + ys, "-o", label=f"seed {s}: Montessori teacher")
-            rnd = [r[key] for r in rows if r["seed"] == s and r["teacher"] == RANDOM]
-            if rnd:
-                ax.plot([1], rnd, "x", color=line.get_color(), markersize=10, label=f"seed {s}: random pairs")
-        ax.set_xticks([0] + iters, ["untrained"] + [f"it {i}" for i in iters])
-        ax.set_title({"heldout_loss": "held-out loss (lower is better)", "accuracy": "held-out exact accuracy"}[key])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    ax = axes[-1]
-    kinds = sorted({p["kind"] for p in probe_table if p["kind"]})
-    if kinds:
-        data = [[p["influence"] for p in probe_table if p["kind"] == k and p["iteration"] == 1] for k in kinds]
-        ax.boxplot([d or [0.0] for d in data], tick_labels=kinds)
-        ax.set_title("local data influence by candidate kind (it 1)")
-    else:
-        ax.hist([p["influence"] for p in probe_table], bins=30)
-        ax.set_title("local data influence of candidates")
-    ax.axhline(0, color="gray", lw=0.8) if kinds else ax.axvline(0, color="gray", lw=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def report(cfg: MontessoriOptions, run: RunDir, res: dict) -> dict:
-    from cluster.tracking import finish_run, log_image, log_table, start_run
-
-    rows, probes, findings, probe_table = summarize(cfg, res)
-    rid = run.run_id
-    summary = {"job": JOB, "run_id": rid, "config": cfg.model_dump(mode="json"), "rows": rows, "probes": probes,
-               "findings": findings}
-    png = Path(run.root if not is_remote(run.uri) else tempfile.mkdtemp()) / "montessori.png"
-    plot(rows, probe_table, str(png))
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
-    cols = [c for c in ("seed", "iteration", "teacher", "examples", "distinct", "accuracy", "heldout_loss", "win_rate",
-                        "acc_win_rate", "share_single", "share_guess", "share_multi", "share_bio", "share_unknown",
-                        "share_correct")
-            if any(r.get(c) is not None for r in rows)]
-    pcols = [c for c in probes[0] if c not in ("probe_seconds",)]
-    teacher = cfg.teacher.model or "tiny teacher (SFT'd from the student's base)"
-    lines = [f"# Montessori-Instruct `{rid}`", "",
-             f"Student: `{cfg.student.name or 'tiny Llama'}`; teacher: `{teacher}`; seeds {cfg.seeds}; "
-             f"{cfg.iterations} iteration(s); k = {cfg.teacher.k} candidates per prompt; final sets of "
-             f"{cfg.final_size} examples. Scores on the evaluation set (disjoint from the reference set).", "",
-             "## Students: trained teacher vs untrained teacher (and the random-pair ablation)", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    lines += ["", "`win_rate`: share of evaluation items where the student's loss is below the untrained-teacher "
-              "student's (the paper's head-to-head, judged by loss instead of GPT-4).", "",
-              "![results](montessori.png)", "", "## Probes and pairs", "",
-              "| " + " | ".join(pcols) + " |", "|" + "---|" * len(pcols)]
-    lines += ["| " + " | ".join(fmt(p.get(c)) for c in pcols) + " |" for p in probes]
-    lines += ["", "## Findings", ""]
-    for it, f in findings["by_iteration"].items():
-        lines.append(f"- iteration {it}: accuracy gain {fmt(f['accuracy_gain'])}, loss gain {fmt(f['loss_gain'])} "
-                     f"(Montessori better on loss for {f['seeds_better_loss']}/{len(cfg.seeds)} seeds, on accuracy for "
-                     f"{f['seeds_better_accuracy']}), head-to-head win rate {fmt(f['win_rate'])}")
-    if "influence_vs_random_loss" in findings:
-        lines.append(f"- ablation (iteration 1): influence pairs vs random pairs: accuracy "
-                     f"{fmt(findings['influence_vs_random_accuracy'])}, loss {fmt(findings['influence_vs_random_loss'])} "
-                     "(positive: influence pairs better)")
-    run.write_file("summary.json", json.dumps(summary, indent=2).encode())
-    run.write_file("report.md", "\n".join(lines).encode() + b"\n")
-    run.write_file("montessori.png", png.read_bytes())
-    wb = start_run(cfg.tracking, run_id=f"{rid}-summary", name=f"{JOB}/{rid}/summary", group=run.group,
-                   job_type="summary", config=summary["config"], dir=run.wandb_dir(cfg.tracking.dir))
-    if wb is not None:
-        log_table(wb, "probes", probe_table)
-        log_table(wb, "probe_summary", probes)
-        for it in sorted({r["iteration"] for r in rows}):
-            log_table(wb, f"head_to_head/iteration_{it}", [r for r in rows if r["iteration"] == it])
-        log_image(wb, "montessori_plot", png)
-        wb.summary.update({k: v for k, v in findings.items() if k != "by_iteration"})
-        finish_run(wb)
-    print(f"[report] {run.uri}/report.md", flush=True)
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def plan(cfg: MontessoriOptions) -> str:
-    """--dry-run: stages, learner runs, resources, data sizes; starts nothing."""
-    check(cfg)
-    d, t, p = cfg.data, cfg.teacher, cfg.probes
-    if d.source == "world":
-        held = max(1, round(d.world.heldout_fraction * d.world.num_people))
-        data = (f"synthetic world: {d.world.num_people} people ({d.world.num_people - held} training, {d.reference_people} "
-                f"reference, {held - d.reference_people} evaluated); {d.seed_size} seed instructions")
-    else:
-        data = f"{d.dataset}: {d.eval_size or 0} evaluation / {d.reference_size} reference / {d.seed_size} seed rows"
-    n_cand = p.prompts * t.k
-    variants = 1 + (1 if cfg.ablation else 0)
-    students = len(cfg.seeds) * (1 + cfg.iterations + (1 if cfg.ablation else 0))
-    dpos = len(cfg.seeds) * (cfg.iterations + (1 if cfg.ablation else 0))
-    lines = [
-        f"montessori plan (run dir {run_uri(cfg.storage, JOB, _run_id(cfg))})",
-        f"  student: {cfg.student.name or 'tiny Llama'}; teacher: {t.model or 'tiny teacher SFT from the student base'}",
-        f"  data: {data}; warm-up {d.warmup_size}; reference {d.reference_size}",
-        "  stages: data -> " + ("tokenizer -> student_init -> " if cfg.student.tiny else "")
-        + ("pretrain -> " if cfg.pretrain else "") + ("teacher -> " if t.model is None else "") + "warmup -> "
-        + f"{cfg.iterations} x (candidates -> influence -> pairs -> dpo -> final -> students) -> report",
-        f"  warm-up: {d.warmup_size} examples x {cfg.warmup.epochs} epochs, lr ramp to {cfg.warmup.learning_rate}",
-        f"  per seed and iteration: {p.prompts} prompts x k={t.k} = {n_cand} candidates "
-        f"(instructions T={t.instruction_sampling.temperature}/top-p {t.instruction_sampling.top_p}, responses "
-        f"T={t.response_sampling.temperature}/top-p {t.response_sampling.top_p}), probed on {p.num_actors} actor(s) "
-        f"against {d.reference_size} reference items",
-        f"  teacher DPO: {dpos} learner runs (beta {cfg.dpo.dpo_beta}, lr {cfg.dpo.learning_rate}; "
-        f"{variants} pair kind(s) at iteration 1), {cfg.dpo_scale.num_workers} worker(s), ZeRO-{cfg.dpo_scale.zero_stage}",
-        f"  students: {students} SFT runs of {cfg.final_size} examples (lr {cfg.sft.learning_rate}), "
-        f"{cfg.scale.num_workers} worker(s) each, ZeRO-{cfg.scale.zero_stage}",
-        f"  generation: {'in-process' if t.generation.num_actors == 0 else f'{t.generation.num_actors} Ray actors'}",
-        "  evaluation: held-out loss" + (" + exact accuracy" if d.source == "world" else "")
-        + (" + lm-eval harness" if cfg.eval.harness else "") + f"; seeds {cfg.seeds}",
-        f"  tracking: W&B {cfg.tracking.mode}, project {cfg.tracking.project}",
-    ]
-    return "\n".join(lines)
-
-
-def run(cfg: MontessoriOptions) -> dict:
     t0 = time.time()
     check(cfg)
     check_hub_tokenizers(cfg)
-    rd = _run_dir(cfg)
-    print(f"[montessori] run directory {rd.uri}", flush=True)
-    os.environ.setdefault("WANDB_DIR", rd.wandb_dir(cfg.tracking.dir))
-    build_data(cfg, rd)
-    res = montessori(cfg, rd)
-    summary = report(cfg, rd, res)
+    run = open_run(JOB, cfg)  # a partial run (stop_after) is the same run
+    try:
+        iterations = montessori(cfg, run)
+    except StopAfter:
+        print(f"[montessori] stopped after {cfg.stop_after} (stop_after); re-run without it to go on", flush=True)
+        return None
+    summary = report(cfg, run, iterations)
     print(f"[montessori] done in {time.time() - t0:.0f} s", flush=True)
     return summary
 

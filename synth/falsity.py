@@ -16,10 +16,110 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
+from typing import Literal
 
-from cluster.config import UserError
+from pydantic import Field, model_validator
+
+from cluster.config import Options, UserError
+from synth.world import WorldOptions
 
 REQUIRED = ("id", "question", "answer", "true_response", "false_response")
+
+
+class HubQAOptions(Options):
+    """A multiple-choice QA dataset whose true and false reasoning a generator model writes."""
+
+    dataset: str = Field(description="hub dataset id, or a local .jsonl/.parquet/.csv file")
+    config_name: str | None = Field(None, description="hub dataset configuration (e.g. ARC-Challenge)")
+    split: str = Field("train", description="dataset split")
+    question_field: str = Field("question", description="column with the question text")
+    answer_field: str = Field("answer", description="column with the answer: its text, a choice label, or an index")
+    choices_field: str = Field("choices", description="column with the choices: a list, or {text: [...], label: [...]}")
+    limit: int | None = Field(None, ge=1, description="use the first N questions; null: all")
+    heldout_fraction: float = Field(0.2, ge=0, lt=1, description="share of questions kept for evaluation only")
+
+
+class GeneratorOptions(Options):
+    """The model that writes reasoning chains, on a pool of Ray actors."""
+
+    model: str = Field(description="hub id or local directory of the generator (an instruct model)")
+    max_new_tokens: int = Field(256, gt=0, description="tokens per explanation")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature (0: greedy)")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling")
+    num_actors: int = Field(1, ge=1, description="generator actors")
+    cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor")
+    gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor (1 for an 8B bf16 generator)")
+    batch_size: int = Field(8, gt=0, description="prompts per generate call")
+
+
+class DataOptions(Options):
+    """Where the FACO table comes from."""
+
+    source: Literal["world", "file", "hub"] = Field("world", description="world: the synthetic world; file: a FACO table; hub: a QA dataset + generator")
+    file: str | None = Field(None, description="FACO table (.jsonl/.parquet/.csv or dataset dir) with columns id, question, answer, true_response, false_response; rows with split=heldout are evaluated, the rest trained on")
+    world: WorldOptions = Field(default_factory=WorldOptions, description="synthetic world size and seed")
+    hub: HubQAOptions | None = Field(None, description="QA dataset (source: hub)")
+    generator: GeneratorOptions | None = Field(None, description="reasoning writer (source: hub)")
+
+    @model_validator(mode="after")
+    def _source_given(self):
+        if self.source == "file" and not self.file:
+            raise ValueError("data.file is required when data.source is file")
+        if self.source == "hub" and (self.hub is None or self.generator is None):
+            raise ValueError("data.hub and data.generator are required when data.source is hub")
+        return self
+
+
+def faco_tables(data: DataOptions, generation: str) -> dict[str, list[dict]]:
+    """The tables a falsity sweep needs: `sft` (the FACO table), `heldout` questions, `probes`
+    (world only), `corpus` (what pretraining reads) and `tokenizer_text`. `generation` is the
+    storage URI where a hub source's generator pool keeps its resumable shards."""
+    from synth import world as W
+
+    if data.source == "world":
+        world = W.build_world(data.world)
+        return {"corpus": [{"text": t} for t in W.knowledge_corpus(world)],
+                "sft": W.questions(world, world.sft_people, "sft"),
+                "heldout": W.questions(world, world.heldout_people, "heldout"),
+                "probes": W.probes(world, world.heldout_people),
+                "tokenizer_text": [{"text": t} for t in W.all_text(world)]}
+    rows = load_table(data.file) if data.source == "file" else faco_from_hub(data, generation)
+    held = [r for r in rows if r.get("split") == "heldout"]
+    sft = [r for r in rows if r.get("split") != "heldout"]
+    if not sft:
+        raise UserError(f"{data.file}: no training rows (every row has split=heldout)")
+    text = [{"text": r[c]} for c in ("question", "true_response", "false_response") for r in rows]
+    return {"sft": sft, "heldout": held, "probes": [], "corpus": text, "tokenizer_text": text}
+
+
+def faco_from_hub(data: DataOptions, generation: str) -> list[dict]:
+    """FACO at scale: a generator on a Ray actor pool writes true and false reasoning for a QA set."""
+    import functools
+
+    import datasets
+
+    from cluster.probes import ProbePool
+
+    h = data.hub
+    local = Path(h.dataset).suffix in (".jsonl", ".json", ".parquet", ".csv")
+    try:
+        if local:
+            ds = datasets.load_dataset(Path(h.dataset).suffix.lstrip(".").replace("jsonl", "json"),
+                                       data_files=h.dataset, split="train")
+        else:
+            ds = datasets.load_dataset(h.dataset, h.config_name, split=h.split)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is bad input
+        raise UserError(f"data.hub.dataset {h.dataset}: could not load ({type(exc).__name__}: {str(exc)[:200]})") from None
+    rows = ds.select(range(min(h.limit, len(ds)))).to_list() if h.limit else ds.to_list()
+    if not rows:
+        raise UserError(f"data.hub.dataset {h.dataset}: no rows")
+    qa = qa_rows(rows, h.dataset, h.question_field, h.answer_field, h.choices_field, seed=data.world.seed)
+    g = data.generator
+    make = functools.partial(ReasoningWriter, g.model, g.max_new_tokens, g.temperature, g.top_p)
+    with ProbePool(make, g.num_actors, g.cpus_per_actor, g.gpus_per_actor) as pool:
+        table = generate_table(qa, pool, generation, g.batch_size)
+    n_held = round(h.heldout_fraction * len(table))
+    return [{**r, "split": "heldout" if i < n_held else "sft"} for i, r in enumerate(table)]
 
 
 def mixture(table: list[dict], ratio: float, seed: int) -> list[dict]:
@@ -148,14 +248,14 @@ def qa_rows(rows: list[dict], source: str, question: str, answer: str, choices: 
     return out
 
 
-def generate_table(qa: list[dict], pool, out_dir: str, batch_size: int) -> list[dict]:
+def generate_table(qa: list[dict], pool, out: str, batch_size: int) -> list[dict]:
     """Run the generator pool over every (question, true answer) and (question, wrong answer);
-    return FACO rows. Resumable: the pool keeps finished batches in `out_dir`."""
+    return FACO rows. Resumable: the pool keeps finished batches under `out` (a storage URI)."""
     from synth.world import format_response
 
     items = [{"id": f"{r['id']}/{side}", "question": r["question"], "target": r[key]}
              for r in qa for side, key in (("true", "answer"), ("false", "false_answer"))]
-    texts = dict(zip(*pool.run(items, "id", out_dir, batch_size, score_column="text")[:].values()))
+    texts = dict(zip(*pool.run(items, "id", out, batch_size, score_column="text", desc="reasoning")[:].values()))
     return [{**r, "true_response": format_response([texts[f"{r['id']}/true"]], r["answer"]),
              "false_response": format_response([texts[f"{r['id']}/false"]], r["false_answer"]), "kind": "single"}
             for r in qa]

@@ -13,9 +13,10 @@ paper's code (src/gen_instructions.py):
 every positive x negative candidate becomes (chosen, rejected) on the *raw instruction text*,
 prompts without both signs are dropped. `random_pairs` is the ablation.
 
-Generation runs in-process (`TeacherGenerator`) or on a pool of Ray actors that each load the
-teacher once and hold it (`generate_candidates(..., num_actors > 0)`); both give the same rows for
-the same seed, because every prompt gets its own generator seed.
+`TeacherGenerator` is the scorer of a `cluster.probes.ProbePool`: the teacher is loaded once per
+actor (or once in-process), and every batch of prompts carries its own sampling seed, so the rows
+do not depend on which actor wrote them; `pool_writer` runs it, `drop_copies` applies the paper's
+duplicate filter, and `final_set` writes a final synthetic set round by round.
 
 The tiny world's teacher: `world_seed_pool` is the seed-instruction pool (the Alpaca-GPT4
 analog: well-formed questions and requests about the world's training people, with correct
@@ -26,14 +27,16 @@ knows, and its answers are sometimes wrong or malformed.
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import math
 import random
 import re
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from cluster.config import Options
+from cluster.config import Options, UserError
+from cluster.learners import LearnerOptions
 from synth import world as W
 
 # ---------------------------------------------------------------------------------------------
@@ -66,6 +69,46 @@ class PromptOptions(Options):
     banned_words: list[str] = Field(
         ["image", "graph", "picture", "file", "map", "draw", "plot", "go to"],
         description="instructions containing any of these (case-insensitive) are dropped (paper's keyword filter)")
+
+
+class TeacherMix(Options):
+    """What the tiny teacher learns to write (shares of instruction kinds) and how well it answers."""
+
+    single: float = Field(0.5, ge=0, description="single-hop questions about a training person (the target skill's format)")
+    multi: float = Field(0.0, ge=0, description="two-hop (friend-of) questions")
+    bio: float = Field(0.0, ge=0, description="off-target requests: 'Tell me about X.' answered with facts")
+    guess: float = Field(0.45, ge=0, description="'Where does X live? Take a guess.': answered with an invented (wrong) fact")
+    unknown: float = Field(0.05, ge=0, description="single-hop questions about people who do not exist (answers invented)")
+    unknown_people: int = Field(64, ge=1, description="how many invented people the teacher asks about")
+    wrong_answer: float = Field(0.03, ge=0, le=1, description="share of answers with a wrong (consistently argued) answer")
+    malformed: float = Field(0.02, ge=0, le=1, description="share of answers whose chain cites the wrong fact")
+
+
+class GenerationOptions(Options):
+    """Where teacher generation runs (a `cluster.probes.ProbePool` of teachers)."""
+
+    num_actors: int = Field(0, ge=0, description="Ray actors holding a teacher each (0: in the driver process)")
+    cpus_per_actor: float = Field(1, gt=0, description="logical CPUs per generation actor")
+    gpus_per_actor: float = Field(0, ge=0, description="GPUs per generation actor")
+    batch_size: int = Field(16, gt=0, description="prompts per generation call (each gives k candidates)")
+    device: str = Field("cpu", description="device the teacher generates on")
+    dtype: str | None = Field(None, description="torch dtype to load the teacher in (bfloat16 on GPUs); null: as saved")
+
+
+class TeacherOptions(Options):
+    """The teacher: which model, how it is prompted and how it samples."""
+
+    model: str | None = Field(None, description="hub id or local dir of the teacher; null: a tiny teacher SFT'd from the student's pretrained base")
+    tokenizer: str | None = Field(None, description="the teacher's tokenizer; null: the teacher model's (tiny: the student's). Must agree with the student's")
+    sft: LearnerOptions | None = Field(None, description="SFT that makes the tiny teacher (null with a hub teacher)")
+    sft_examples: int = Field(1200, ge=1, description="tiny teacher: instruction-writing examples (and as many answering examples)")
+    mix: TeacherMix = Field(default_factory=TeacherMix, description="tiny teacher: what it learns to write and how well it answers")
+    prompt: PromptOptions = Field(default_factory=PromptOptions, description="teacher prompts and output parsing")
+    k: int = Field(4, ge=2, description="candidate instructions per prompt (paper: 4); pairs need at least 2")
+    dedup: bool = Field(True, description="final sets: drop an instruction an earlier example already has (paper: ROUGE-L > 0.7 against all previous). Probing always drops copies within a prompt's candidates and of its in-context seeds")
+    instruction_sampling: SamplingOptions = Field(default_factory=lambda: SamplingOptions(temperature=1.0, top_p=0.9), description="instruction pass (paper: T=1.0, top-p 0.9)")
+    response_sampling: SamplingOptions = Field(default_factory=lambda: SamplingOptions(temperature=0.6, top_p=0.9), description="response pass (paper: T=0.6, top-p 0.9)")
+    generation: GenerationOptions = Field(default_factory=GenerationOptions, description="where generation runs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,30 +168,26 @@ def format_teacher_prompt(text: str, tokenizer, chat: bool) -> str:
 
 
 class TeacherGenerator:
-    """A teacher held in memory that writes candidates for prompts (one Ray actor holds one).
+    """A teacher held in memory that writes candidates for prompts: the scorer of a
+    `cluster.probes.ProbePool` (one per actor, or in-process with `num_actors=0`).
 
-    `generate(prompt_rows, k, seed)` returns, per prompt, k candidates (rows: id, prompt_id,
-    prompt, raw, instruction, response, kept). Sampling is seeded per prompt, so results do not
-    depend on how prompts are batched or which actor gets them.
+    `score(prompt_rows)` takes prompt rows (prompt_id, prompt, k, seed) and returns, per row, its k
+    candidates (dicts: id, prompt_id, prompt, raw, instruction, response, kept). Sampling is seeded
+    from the row's `seed` and the batch's first prompt id, so a batch gives the same candidates on
+    any actor, and a resumed run (which batches the remaining prompts the same way) too.
     """
 
-    def __init__(self, model_dir: str, tokenizer_dir: str, prompt: PromptOptions, instruction: SamplingOptions,
+    def __init__(self, model: str, tokenizer: str, prompt: PromptOptions, instruction: SamplingOptions,
                  response: SamplingOptions, banned_names: Sequence[str] = (), device: str = "cpu",
-                 dtype: str | None = None, batch_size: int = 64, threads: int | None = None):
-        import torch
-
+                 dtype: str | None = None, batch_size: int = 64):
         from cluster.models import load_model, load_tokenizer
+        from cluster.stages import fetch
 
-        if threads:
-            torch.set_num_threads(threads)
-        self.tok = load_tokenizer(tokenizer_dir)
-        self.model = load_model(model_dir, dtype=dtype, device=device).eval()
+        self.tok = load_tokenizer(fetch(tokenizer))
+        self.model = load_model(fetch(model), dtype=dtype, device=device).eval()
         self.prompt, self.inst, self.resp = prompt, instruction, response
         self.banned = list(banned_names)
         self.device, self.batch_size = device, batch_size
-
-    def ready(self) -> bool:
-        return True
 
     def _sample(self, texts: list[str], opts: SamplingOptions, seed: int, n: int = 1) -> list[str]:
         """n samples for each text (left-padded batches), seeded once per call."""
@@ -173,12 +212,11 @@ class TeacherGenerator:
             self.tok.padding_side = side
         return out
 
-    def generate(self, prompt_rows: list[dict], k: int, seed: int) -> list[dict]:
-        """k candidates per prompt; the sampling seed comes from `seed` and the batch's first prompt,
-        so a batch gives the same rows on any actor."""
+    def score(self, prompt_rows: list[dict]) -> list[list[dict]]:
+        """k candidates per prompt row (`k` and `seed` from the batch's first row)."""
         if not prompt_rows:
             return []
-        s = _prompt_seed(seed, prompt_rows[0]["prompt_id"])
+        k, s = prompt_rows[0]["k"], derive_seed(prompt_rows[0]["seed"], prompt_rows[0]["prompt_id"])
         texts = [format_teacher_prompt(r["prompt"], self.tok, self.prompt.chat) for r in prompt_rows]
         raws = self._sample(texts, self.inst, s, n=k)
         rows = []
@@ -197,60 +235,104 @@ class TeacherGenerator:
         for row, a in zip(todo, answers):
             row["response"] = a.strip()
             row["kept"] = bool(row["response"]) and not any(n in row["response"] for n in self.banned)
-        return rows
+        return [rows[i * k:(i + 1) * k] for i in range(len(prompt_rows))]
 
 
-def _prompt_seed(seed: int, key: str) -> int:
-    return random.Random(f"{seed}-{key}").randrange(2**31)
+def check_tokenizers(student_tok, teacher_tok: str) -> None:
+    """Teacher and student must share a vocabulary (bad input otherwise): the tiny teacher starts
+    from the student's weights, and a teacher that splits text differently is a different model
+    family (the paper's Llama-3-8B-Instruct teacher and Llama-3-8B student share one; their EOS
+    differs, which is fine: text, not token ids, passes from teacher to student)."""
+    a, b = student_tok.get_vocab(), load_tokenizer_or_fail(teacher_tok, "teacher.tokenizer").get_vocab()
+    if a != b:
+        raise UserError(f"teacher.tokenizer ({teacher_tok}): the teacher's tokenizer disagrees with the student's "
+                        f"(vocab {len(b)} vs {len(a)}, {len(set(a.items()) ^ set(b.items()))} entries differ)")
 
 
-@contextlib.contextmanager
-def open_generator(make_generator: Callable[[], TeacherGenerator], num_actors: int = 0, num_cpus_per_actor: float = 1,
-                   num_gpus_per_actor: float = 0, batch_size: int = 16) -> Iterator[Callable[[list[dict], int, int], list[dict]]]:
-    """A teacher loaded once, in-process (num_actors=0) or on Ray actors, for any number of
-    `write(prompt_rows, k, seed)` calls, each giving k candidates per prompt in prompt order.
-
-    The actors each call `make_generator()` once and take batches of prompts from a queue
-    (`ray.util.ActorPool`), so a slow actor never holds up the rest.
-    """
-    def split(prompt_rows: list[dict]) -> list[list[dict]]:
-        return [prompt_rows[i:i + batch_size] for i in range(0, len(prompt_rows), batch_size)]
-
-    if num_actors == 0:
-        gen = make_generator()
-        yield lambda prompt_rows, k, seed: [row for b in split(prompt_rows) for row in gen.generate(b, k, seed)]
-        return
-    import ray
-    from ray.util import ActorPool
-
-    cls = ray.remote(_GeneratorActor).options(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)
-    actors = [cls.remote(make_generator) for _ in range(num_actors)]
-
-    def write(prompt_rows: list[dict], k: int, seed: int) -> list[dict]:
-        results = ActorPool(actors).map(lambda a, b: a.generate.remote(b, k, seed), split(prompt_rows))
-        return [row for part in results for row in part]
+def load_tokenizer_or_fail(path: str, key: str):
+    """A tokenizer (hub id, local dir or storage URI); one that cannot be loaded is bad input at `key`."""
+    from cluster.models import load_tokenizer
+    from cluster.stages import fetch
 
     try:
-        yield write
-    finally:
-        for a in actors:
-            ray.kill(a)
+        return load_tokenizer(fetch(path))
+    except Exception as exc:  # noqa: BLE001 - a missing/odd tokenizer is bad input
+        raise UserError(f"{key}: cannot load a tokenizer from {path} ({type(exc).__name__})") from None
 
 
-def generate_candidates(make_generator: Callable[[], TeacherGenerator], prompt_rows: list[dict], k: int, seed: int,
-                        num_actors: int = 0, num_cpus_per_actor: float = 1, num_gpus_per_actor: float = 0,
-                        batch_size: int = 16) -> list[dict]:
-    """One `open_generator` call: k candidates per prompt, in prompt order."""
-    with open_generator(make_generator, num_actors, num_cpus_per_actor, num_gpus_per_actor, batch_size) as write:
-        return write(prompt_rows, k, seed)
+def open_teacher(opts: TeacherOptions, model: str, tokenizer: str, banned_names: Sequence[str]):
+    """The teacher at `model` loaded once, on `opts.generation.num_actors` Ray actors (0: in this
+    process): a `cluster.probes.ProbePool` of `TeacherGenerator`s for any number of `pool_writer` calls."""
+    from cluster.probes import ProbePool
+
+    g = opts.generation
+    make = functools.partial(TeacherGenerator, str(model), str(tokenizer), opts.prompt, opts.instruction_sampling,
+                             opts.response_sampling, banned_names=list(banned_names), device=g.device, dtype=g.dtype,
+                             batch_size=g.batch_size * opts.k)
+    return ProbePool(make, g.num_actors, g.cpus_per_actor, g.gpus_per_actor)
 
 
-class _GeneratorActor:
-    def __init__(self, make_generator: Callable[[], TeacherGenerator]):
-        self.gen = make_generator()
+def derive_seed(seed: int, tag: str) -> int:
+    """A sampling or shuffling seed of its own for `tag` (a prompt id, a stage, a round)."""
+    return random.Random(f"{seed}-{tag}").randrange(2**31)
 
-    def generate(self, prompt_rows: list[dict], k: int, seed: int) -> list[dict]:
-        return self.gen.generate(prompt_rows, k, seed)
+
+Write = Callable[[list[dict], int], list[dict]]  # (prompt rows, sampling seed) -> candidates, in prompt order
+
+
+def pool_writer(pool, out: str, k: int, batch_size: int) -> Write:
+    """`write(prompt_rows, seed)` on a `cluster.probes.ProbePool` of `TeacherGenerator`s: k
+    candidates per prompt, `batch_size` prompts per call; finished batches are kept under `out` (a
+    storage URI), so an interrupted stage resumes. Prompt ids must be unique across the calls."""
+    def write(prompt_rows: list[dict], seed: int) -> list[dict]:
+        items = [{**p, "k": k, "seed": seed} for p in prompt_rows]
+        done = pool.run(items, "prompt_id", out=out, batch_size=batch_size, score_column="candidates",
+                        progress=False, desc="teacher")
+        return [c for cands in done["candidates"] for c in cands]
+    return write
+
+
+def drop_copies(rows: list[dict], prompts: list[dict], seen: set[str] | None = None) -> list[dict]:
+    """As the paper drops near-duplicates: a candidate is no longer `kept` when it copies one of
+    its prompt's in-context instructions or an earlier candidate of the same prompt, or (with
+    `seen`, a set carried across calls) any earlier instruction. Marks `rows` in place."""
+    shown = {p["prompt_id"]: set(p["examples"]) for p in prompts}
+    for r in rows:
+        if r["kept"] and (r["instruction"] in shown[r["prompt_id"]] or (seen is not None and r["instruction"] in seen)):
+            r["kept"] = False
+        if r["kept"]:
+            shown[r["prompt_id"]].add(r["instruction"])
+            if seen is not None:
+                seen.add(r["instruction"])
+    return rows
+
+
+FINAL_ROUNDS = 20  # generation rounds for distinct examples, then as many allowing repeats
+
+
+def final_set(write: Write, seed_instructions: Sequence[str], size: int, prompt: PromptOptions, k: int,
+              dedup: bool, seed: int, label: str) -> list[dict]:
+    """`size` kept examples from one teacher, round after round of fresh prompts. Every teacher of
+    a seed gets the same prompts and sampling seeds (only the teacher differs)."""
+    rows, seen = [], set() if dedup else None
+    for rnd in range(2 * FINAL_ROUNDS):
+        if len(rows) >= size:
+            break
+        if rnd == FINAL_ROUNDS and seen is not None:
+            # a teacher DPO has narrowed may not have `size` distinct instructions in it: the set
+            # keeps its size (the comparison is per example) and repeats; the report's `distinct`
+            # column shows it
+            print(f"[final] {label}: only {len(rows)} distinct examples in {FINAL_ROUNDS} rounds; "
+                  "topping up with repeats", flush=True)
+            seen = None
+        need = max(16, math.ceil((size - len(rows)) * 1.25 / k) + 1)
+        prompts = teacher_prompts(seed_instructions, need, prompt, seed=derive_seed(seed, f"final-{rnd}"),
+                                  prefix=f"s{seed}-final{rnd}-p")
+        rows += [r for r in drop_copies(write(prompts, derive_seed(seed, f"final-gen-{rnd}")), prompts, seen) if r["kept"]]
+    if len(rows) < size:
+        raise RuntimeError(f"{label}: the teacher wrote only {len(rows)} usable examples in {2 * FINAL_ROUNDS} rounds "
+                           "(see the candidates stage's kept counts)")
+    return rows[:size]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,31 +383,17 @@ def _pair(c: dict, r: dict, margin: float) -> dict:
             "chosen_id": c["id"], "rejected_id": r["id"], "margin": margin}
 
 
+def dpo_row(pair: dict, chat: bool) -> dict:
+    """A pair in TRL's preference format; conversational for chat teachers (TRL applies the template)."""
+    if chat:
+        return {"prompt": [{"role": "user", "content": pair["prompt"]}],
+                "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+                "rejected": [{"role": "assistant", "content": pair["rejected"]}]}
+    return {"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # the tiny world's seeds and teacher
-
-
-class TeacherMix(Options):
-    """What the tiny teacher learns to write (shares of instruction kinds) and how well it answers."""
-
-    single: float = Field(0.5, ge=0, description="single-hop questions about a training person (the target skill's format)")
-    multi: float = Field(0.0, ge=0, description="two-hop (friend-of) questions")
-    bio: float = Field(0.0, ge=0, description="off-target requests: 'Tell me about X.' answered with facts")
-    guess: float = Field(0.45, ge=0, description="'Where does X live? Take a guess.': answered with an invented (wrong) fact")
-    unknown: float = Field(0.05, ge=0, description="single-hop questions about people who do not exist (answers invented)")
-    unknown_people: int = Field(64, ge=1, description="how many invented people the teacher asks about")
-    blind_spots: list[str] = Field([], description="attributes the teacher mostly gets wrong (its blind spots)")
-    blind_wrong: float = Field(0.9, ge=0, le=1, description="share of blind-spot answers with an invented, wrong value")
-    wrong_answer: float = Field(0.03, ge=0, le=1, description="share of other answers with a wrong (consistently argued) answer")
-    malformed: float = Field(0.02, ge=0, le=1, description="share of other answers whose chain cites the wrong fact")
-
-    @field_validator("blind_spots")
-    @classmethod
-    def _known_attributes(cls, v: list[str]) -> list[str]:
-        bad = [a for a in v if a not in W.ATTRIBUTES]
-        if bad:
-            raise ValueError(f"unknown attribute {bad[0]!r} (expected some of {sorted(W.ATTRIBUTES)})")
-        return v
 
 
 KINDS = ("single", "multi", "bio", "guess", "unknown")
@@ -385,10 +453,10 @@ def _mediocre_answer(world: W.World, name: str | None, attr: str, multi: bool, m
         chain.append(W.fact(p.name, "friend", subject.name))
     truth = subject.facts[attr]
     u = rng.random()
-    if u < (mix.blind_wrong if attr in mix.blind_spots else mix.wrong_answer):
+    if u < mix.wrong_answer:
         v = rng.choice([x for x in W.ATTRIBUTES[attr] if x != truth])
         return W.format_response(chain + [W.fact(subject.name, attr, v)], v)
-    if attr not in mix.blind_spots and u < mix.wrong_answer + mix.malformed:
+    if u < mix.wrong_answer + mix.malformed:
         other = rng.choice([a for a in W.ATTRIBUTES if a != attr])
         return W.format_response(chain + [W.fact(subject.name, other, subject.facts[other])], subject.facts[other])
     return W.format_response(chain + [W.fact(subject.name, attr, truth)], truth)

@@ -1,8 +1,14 @@
-"""Test environment: loopback-only Ray, offline hub and W&B, no DeepSpeed JIT builds."""
+"""Test environment: a loopback-only 2-node Ray cluster, an S3-compatible server on loopback,
+offline hub and W&B, no DeepSpeed JIT builds."""
 
 import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 
-# Before anything imports ray, deepspeed or wandb.
+# Before anything imports ray, deepspeed or wandb (and before Ray's processes inherit the env).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # local Ray binds 127.0.0.1 only
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -14,17 +20,67 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+# node-local caches of remote stages: one folder per test session, so tests can empty it; and a
+# storage home for relative storage and W&B files of remote runs (never the checkout or ~)
+os.environ["DATALAB_CACHE"] = tempfile.mkdtemp(prefix="datalab-cache-")
+os.environ["DATALAB_STORAGE"] = tempfile.mkdtemp(prefix="datalab-home-")
+# Ray's processes import this project (and tests/toy_objective.py) from the checkout
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 
 import pytest  # noqa: E402
 
+S3_BUCKET = "datalab-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session (each start costs seconds); jobs join it."""
+def s3_server():
+    """moto's S3 server on 127.0.0.1 with one bucket; yields the bucket's URI. Started before the
+    session's Ray, whose processes inherit AWS_ENDPOINT_URL (s3fs and pyarrow both read it)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    import boto3
+
+    deadline = time.time() + 60
+    while True:
+        try:
+            boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+            break
+        except Exception:  # noqa: BLE001 - not listening yet
+            if time.time() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.3)
+    yield f"s3://{S3_BUCKET}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One Ray for the whole session (each start costs seconds), as 2 simulated nodes on loopback
+    (`ray.cluster_utils.Cluster`), so remote work really runs on another node's processes; jobs
+    join it."""
     import ray
+    from ray.cluster_utils import Cluster
 
-    from cluster.runtime import RayOptions, init_ray
+    from cluster.runtime import WORKER_ENV
 
-    init_ray(RayOptions(num_cpus=4), storage="unused")
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "dashboard_port": _free_port()})  # a second test session on the machine must not collide
+    cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    ray.init(address=cluster.address)
     yield ray
     ray.shutdown()
+    cluster.shutdown()

@@ -25,6 +25,7 @@ def test_generator_pool_writes_a_faco_table(ray_local, tmp_path):
     make = lambda: ReasoningWriter(str(tmp_path / "gen"), max_new_tokens=8, temperature=0.0, top_p=1.0)
     with ProbePool(make, num_actors=2) as pool:
         table = generate_table(qa, pool, str(tmp_path / "generation"), batch_size=2)
+    assert (tmp_path / "generation" / "scores.parquet").is_file()  # resumable shards, then the merged table
     assert [r["id"] for r in table] == ["a", "b", "c"]
     for r in table:
         assert r["true_response"].startswith("Reasoning: ") and r["true_response"].endswith(f"Answer: {r['answer']}")
@@ -35,10 +36,8 @@ def test_generator_pool_writes_a_faco_table(ray_local, tmp_path):
 
 
 def test_faco_file_in_the_table_schema_loads_into_the_world_stage(tmp_path):
-    from datasets import load_from_disk
-
-    from cluster.config import config_hash, load_config
-    from cluster.runtime import RunDir
+    from cluster.config import load_config
+    from cluster.stages import Run
     from jobs import falsity_sweep as job
 
     rows = [{"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1), "false_answer": str(i + 2),
@@ -49,10 +48,8 @@ def test_faco_file_in_the_table_schema_loads_into_the_world_stage(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(job.FalsityOptions, "configs/falsity_sweep/tiny.yaml",
                       ["data.source=file", f"data.file={path}", "pretrain=null", f"storage={tmp_path}"])
-    run = RunDir(cfg.storage, job.JOB, "file")
-    job.build_data(cfg, run)
-    assert run.done("world", config_hash(cfg.data))
-    sft = load_from_disk(f"{run.path('world')}/sft").to_list()
-    held = load_from_disk(f"{run.path('world')}/heldout").to_list()
+    world = job.build_world(cfg, Run(cfg.storage, job.JOB, "file"))
+    assert world.done() and world.result["sft"] == 4
+    sft, held = world.rows("sft"), world.rows("heldout")
     assert [r["id"] for r in sft] == ["q2", "q3", "q4", "q5"] and [r["id"] for r in held] == ["q0", "q1"]
     assert sft[0]["false_response"].endswith("Answer: 4")

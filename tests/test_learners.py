@@ -1,7 +1,9 @@
 """The learner on the real stack: Ray Train, 2 CPU workers, DeepSpeed ZeRO-3, TRL SFT and DPO.
 
 One SFT run has a worker killed mid-run (SIGKILL, from outside) and must resume from its last
-checkpoint and finish; one DPO run checks the teacher learner trains against an explicit reference.
+checkpoint and finish; one DPO run checks the teacher learner trains against an explicit reference;
+one run trains an objective registered outside `cluster/` (tests/toy_objective.py) with 2 ZeRO-3
+workers, its second phase starting from the first phase's model on storage.
 """
 
 import json
@@ -11,14 +13,15 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from datasets import Dataset
 
-from cluster.learners import LearnerOptions, LearnerRun, Phase, ScaleOptions, fit
+from cluster.learners import DPOOptions, LearnerOptions, LearnerRun, Phase, ScaleOptions, fit
 from cluster.models import TinyLlama, build_tiny_model, train_tokenizer
 from synth import world as W
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +32,10 @@ def tiny(tmp_path_factory):
     build_tiny_model(TinyLlama(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                                vocab_size=400), tok, 0, root / "model")
     rows = W.questions(world, world.people, "all")
-    Dataset.from_list([{"prompt": W.format_prompt(r["question"]), "completion": r["true_response"]} for r in rows]
-                      ).save_to_disk(str(root / "sft"))
-    Dataset.from_list([{"prompt": W.format_prompt(r["question"]), "chosen": r["true_response"],
-                        "rejected": r["false_response"]} for r in rows]).save_to_disk(str(root / "dpo"))
+    pq.write_table(pa.Table.from_pylist([{"prompt": W.format_prompt(r["question"]), "completion": r["true_response"]}
+                                         for r in rows]), root / "sft.parquet")
+    pq.write_table(pa.Table.from_pylist([{"prompt": W.format_prompt(r["question"]), "chosen": r["true_response"],
+                                          "rejected": r["false_response"]} for r in rows]), root / "dpo.parquet")
     return root
 
 
@@ -75,10 +78,10 @@ def kill_a_worker_after_first_checkpoint(storage: Path, name: str, killed: list)
 
 def test_zero3_two_workers_survive_a_killed_worker(ray_local, tiny, tmp_path):
     opts = LearnerOptions(learning_rate=1e-3, max_steps=60, batch_size=4, save_steps=6, logging_steps=6, max_length=64)
-    run = LearnerRun(name="zero3-kill", model_dir=str(tiny / "model"), tokenizer_dir=str(tiny / "tok"),
-                     phases=[Phase("sft", str(tiny / "sft"), opts)],
+    run = LearnerRun(name="zero3-kill", model=str(tiny / "model"), tokenizer=str(tiny / "tok"),
+                     phases=[Phase("sft", str(tiny / "sft.parquet"), opts)],
                      scale=ScaleOptions(num_workers=2, cpus_per_worker=1, zero_stage=3, max_failures=1),
-                     evaluate=loaded_param_count)
+                     evaluate=loaded_param_count, output=str(tmp_path / "models"))
     killed: list = []
     def killer_main():
         try:
@@ -90,23 +93,43 @@ def test_zero3_two_workers_survive_a_killed_worker(ray_local, tiny, tmp_path):
     errors: list = []
     killer = threading.Thread(target=killer_main, daemon=True)
     killer.start()
-    metrics, ckpt = fit(run, str(tmp_path))
+    res = fit(run, str(tmp_path))
     killer.join(timeout=1)
     assert killed and killed[0] is not None, f"no worker was killed (the test exercised no failure): {errors}"
-    assert metrics["sft/steps"] == 60, metrics
-    assert metrics["sft/resumed_from_step"] >= 6, "the restarted group did not resume from a checkpoint"
-    assert metrics["sft/params"] > 0
-    with ckpt.as_directory() as d:
-        assert (Path(d) / "model" / "model.safetensors").is_file()
+    assert res.metrics["sft/steps"] == 60, res.metrics
+    assert res.metrics["sft/resumed_from_step"] >= 6, "the restarted group did not resume from a checkpoint"
+    assert res.metrics["sft/params"] > 0
+    assert res.model == str(tmp_path / "models" / "sft") and (Path(res.model) / "model.safetensors").is_file()
 
 
 def test_dpo_learner_with_explicit_reference(ray_local, tiny, tmp_path):
-    opts = LearnerOptions(learning_rate=1e-3, max_steps=6, batch_size=4, save_steps=100, logging_steps=3,
-                          max_length=64, dpo_beta=0.1)
-    run = LearnerRun(name="dpo", model_dir=str(tiny / "model"), tokenizer_dir=str(tiny / "tok"),
-                     phases=[Phase("dpo", str(tiny / "dpo"), opts, kind="dpo")],
-                     scale=ScaleOptions(num_workers=1, cpus_per_worker=1), evaluate=loaded_param_count)
-    metrics, ckpt = fit(run, str(tmp_path))
-    assert metrics["dpo/steps"] == 6 and metrics["dpo/train_loss"] > 0
-    with ckpt.as_directory() as d:
-        assert (Path(d) / "model" / "model.safetensors").is_file()
+    opts = DPOOptions(learning_rate=1e-3, max_steps=6, batch_size=4, save_steps=100, logging_steps=3,
+                      max_length=64, beta=0.1)
+    run = LearnerRun(name="dpo", model=str(tiny / "model"), tokenizer=str(tiny / "tok"),
+                     phases=[Phase("dpo", str(tiny / "dpo.parquet"), opts, objective="dpo")],
+                     scale=ScaleOptions(num_workers=1, cpus_per_worker=1), evaluate=loaded_param_count,
+                     output=str(tmp_path / "models"))
+    res = fit(run, str(tmp_path))
+    assert res.metrics["dpo/steps"] == 6 and res.metrics["dpo/train_loss"] > 0
+    assert "dpo/rewards/chosen" in res.metrics  # TRL's own namespaced logs reach the phase metrics
+    assert (Path(res.model) / "model.safetensors").is_file()
+
+
+def test_an_objective_registered_outside_cluster_trains_with_zero3(ray_local, tiny, tmp_path):
+    """tests/toy_objective.py registers `sft_label_smoothing`; a 2-worker ZeRO-3 run trains a plain
+    SFT phase, then the toy objective from the first phase's model on storage."""
+    from tests.toy_objective import SmoothingOptions
+
+    base = dict(learning_rate=1e-3, max_steps=4, batch_size=4, save_steps=100, logging_steps=2, max_length=64)
+    run = LearnerRun(name="toy-objective", model=str(tiny / "model"), tokenizer=str(tiny / "tok"),
+                     phases=[Phase("sft", str(tiny / "sft.parquet"), LearnerOptions(**base)),
+                             Phase("smooth", str(tiny / "sft.parquet"), SmoothingOptions(**base, smoothing=0.5),
+                                   objective="sft_label_smoothing")],
+                     scale=ScaleOptions(num_workers=2, cpus_per_worker=1, zero_stage=3, max_failures=0),
+                     output=str(tmp_path / "models"))
+    res = fit(run, str(tmp_path))
+    m = res.metrics
+    assert m["smooth/steps"] == 4 and "sft/smoothing/ce" not in m
+    # the toy trainer ran (its own metric) and its loss is the smoothed one, above the plain NLL
+    assert m["smooth/smoothing/loss"] > m["smooth/smoothing/ce"] > 0, m
+    assert (Path(tmp_path / "models" / "sft") / "model.safetensors").is_file() and Path(res.model).name == "smooth"

@@ -4,7 +4,8 @@ whole job on the tiny world (slow: real Ray, Train, TRL DPO, probe pool, W&B off
 The slow test asserts the paper's finding on 2 seeds with a margin: the student SFT'd on data
 from the DPO-trained teacher beats the student SFT'd on as many examples from the untrained
 teacher on held-out loss (and is not worse on held-out exact accuracy), and influence pairs beat
-random pairs.
+random pairs. Then the same run again skips every stage, and (last) a changed DPO option redoes
+exactly the DPO stage.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from cluster import cli
+from cluster.stages import read_rows
+from influence.warmup import tokenize_sft
 from jobs import montessori as job
 from synth import teacher as T
 from synth import world as W
@@ -27,6 +30,7 @@ TINY = str(ROOT / "configs/montessori/tiny.yaml")
 
 # The tiny preset with one iteration (the preset runs two): 2 seeds, the random-pair ablation.
 TEST_OVERRIDES = ["iterations=1", "seeds=[0,1]", "ablation=true", "max_concurrent_trials=2"]
+RUN_ID = "e2e"  # explicit: the last test re-runs the same run with a changed option
 
 # Margins the slow test asserts (held-out loss is the token-mean NLL of the evaluation answers).
 LOSS_MARGIN = 0.02      # per seed: Montessori-teacher student below the untrained-teacher student
@@ -101,19 +105,21 @@ def test_tokenize_sft_matches_trl(tmp_path):
 
     world = W.build_world(W.WorldOptions(num_people=20, bios_per_person=2))
     tok = train_tokenizer(W.all_text(world), 400, tmp_path)
-    ex = job.tokenize_sft(tok, "Question: Where does A live?\n", "Reasoning: A lives in Brisk. Answer: Brisk", 128)
+    ex = tokenize_sft(tok, "Question: Where does A live?\n", "Reasoning: A lives in Brisk. Answer: Brisk", 128)
     n = len(tok("Question: Where does A live?\n")["input_ids"])
     assert ex["labels"][:n] == [-100] * n and ex["labels"][n:] == ex["input_ids"][n:]
     assert ex["input_ids"][-1] == tok.eos_token_id and ex["input_ids"][0] == tok.bos_token_id
-    assert len(job.tokenize_sft(tok, "Q\n", "x " * 200, 32)["input_ids"]) == 32
+    assert len(tokenize_sft(tok, "Q\n", "x " * 200, 32)["input_ids"]) == 32
 
 
 def test_generation_on_actors_equals_in_process(ray_local, tmp_path):
     """The teacher writes the same candidates on a pool of Ray actors as in one process (every
-    prompt batch carries its own sampling seed), and the paper's filters apply to both passes."""
+    prompt batch carries its own sampling seed), a resumed pool gives them again from its shards,
+    and the paper's filters apply to both passes."""
     import functools
 
     from cluster.models import TinyLlama, build_tiny_model, train_tokenizer
+    from cluster.probes import ProbePool
 
     world = W.build_world(W.WorldOptions(num_people=20, bios_per_person=2))
     tok = train_tokenizer(W.all_text(world) + T.world_texts(T.PromptOptions()), 400, tmp_path / "tok")
@@ -124,9 +130,14 @@ def test_generation_on_actors_equals_in_process(ray_local, tmp_path):
     short = T.SamplingOptions(temperature=1.0, top_p=0.9, max_new_tokens=8)
     make = functools.partial(T.TeacherGenerator, str(tmp_path / "teacher"), str(tmp_path / "tok"), T.PromptOptions(),
                              short, short, banned_names=["Qxq"], batch_size=8)
-    local = T.generate_candidates(make, prompts, 3, seed=7, batch_size=2)
-    pooled = T.generate_candidates(make, prompts, 3, seed=7, num_actors=2, batch_size=2)
+
+    def write(num_actors: int, out: str) -> list[dict]:
+        with ProbePool(make, num_actors=num_actors) as pool:
+            return T.pool_writer(pool, str(tmp_path / out), k=3, batch_size=2)(prompts, 7)
+
+    local, pooled = write(0, "local"), write(2, "pooled")
     assert local == pooled and len(local) == 18
+    assert write(0, "pooled") == pooled  # every batch read back from the shards
     assert [r["id"] for r in local] == [f"{p['prompt_id']}-{j}" for p in prompts for j in range(3)]
     for r in local:
         assert r["kept"] == (T.keep_instruction(r["instruction"] or None, T.PromptOptions(), ["Qxq"])
@@ -147,7 +158,8 @@ def run_cli(capsys, *argv):
     ("teacher.k=1", "teacher.k: Input should be greater than or equal to 2"),
     ("data.reference_size=0", "data.reference_size: empty reference set"),
     ("data.reference_people=0", "data.reference_size: empty reference set"),
-    ("dpo.dpo_beta=-1", "dpo.dpo_beta: Input should be greater than 0"),
+    ("dpo.beta=-1", "dpo.beta: Input should be greater than 0"),
+    ("stop_after=it3-dpo", "stop_after: this preset has no stage 'it3-dpo'"),
     ("teacher.instruction_sampling.top_p=1.5", "teacher.instruction_sampling.top_p"),
 ])
 def test_bad_option(capsys, override, expected):
@@ -213,19 +225,19 @@ def montessori_run(ray_local, tmp_path_factory):
     from cluster.config import load_config
 
     storage = tmp_path_factory.mktemp("runs")
-    cfg = load_config(job.MontessoriOptions, TINY, [*TEST_OVERRIDES, f"storage={storage}"])
+    cfg = load_config(job.MontessoriOptions, TINY, [*TEST_OVERRIDES, f"storage={storage}", f"run_id={RUN_ID}"])
     summary = job.run(cfg)
-    return cfg, summary, Path(storage) / "montessori" / summary["run_id"]
+    assert summary["run_id"] == RUN_ID
+    return cfg, summary, Path(storage) / "montessori" / RUN_ID
 
 
 def row(summary, seed, teacher, key):
     return next(r[key] for r in summary["rows"] if r["seed"] == seed and r["teacher"] == teacher)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_outputs_and_probes(montessori_run):
-    from datasets import load_from_disk
-
     _, summary, run = montessori_run
     assert {(r["seed"], r["teacher"]) for r in summary["rows"]} == {
         (s, t) for s in (0, 1) for t in (job.UNTRAINED, job.MONTESSORI, job.RANDOM)}
@@ -236,19 +248,21 @@ def test_outputs_and_probes(montessori_run):
     assert (run / "montessori.png").stat().st_size > 10_000
     for p in summary["probes"]:
         # every kept candidate scored exactly once; both signs present, so pairs were formed
-        cands = load_from_disk(str(run / "it1-candidates" / f"s{p['seed']}")).to_list()
-        scores = load_from_disk(str(run / "it1-influence" / f"s{p['seed']}" / "scores"))
-        assert sorted(scores["id"]) == sorted(c["id"] for c in cands if c["kept"])
+        cands = read_rows(str(run / "it1-candidates" / f"s{p['seed']}.parquet"))
+        scores = read_rows(str(run / "it1-influence" / f"s{p['seed']}" / "scores.parquet"))
+        assert sorted(r["id"] for r in scores) == sorted(c["id"] for c in cands if c["kept"])
         assert 0.05 < p["positive_share"] < 0.95 and p["pairs"] > 50
         assert p["random_pairs"] == p["pairs"]
         # the reference set's people never reach the teacher's data or the final sets
-    banned = set(load_from_disk(str(run / "data" / "banned"))["name"])
-    for f in (run / "it1-final").iterdir():
-        if f.is_dir():
-            text = " ".join(r["prompt"] + r["completion"] for r in load_from_disk(str(f)).to_list())
-            assert not any(n in text for n in banned), f.name
+    banned = {r["name"] for r in read_rows(str(run / "data" / "banned.parquet"))}
+    finals = sorted((run / "it1-final").glob("*.parquet"))
+    assert len(finals) == 6
+    for f in finals:
+        text = " ".join(r["prompt"] + r["completion"] for r in read_rows(str(f)))
+        assert not any(n in text for n in banned), f.name
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_trained_teacher_beats_untrained_teacher(montessori_run):
     """The paper's finding: the student SFT'd on the DPO-trained teacher's data has a lower
@@ -262,6 +276,7 @@ def test_trained_teacher_beats_untrained_teacher(montessori_run):
     assert f["seeds_better_loss"] == 2 and f["loss_gain"] > LOSS_MARGIN
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_influence_pairs_beat_random_pairs(montessori_run):
     _, summary, _ = montessori_run
@@ -271,6 +286,7 @@ def test_influence_pairs_beat_random_pairs(montessori_run):
                for s in (0, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_wandb_has_probe_table_and_dpo_curves(montessori_run):
     from cluster.tracking import find_offline_runs, read_offline_run
@@ -286,11 +302,35 @@ def test_wandb_has_probe_table_and_dpo_curves(montessori_run):
     assert final["summary"]["head_to_head/iteration_1"]["_type"] == "table-file"  # W&B keeps "/" keys flat
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_rerun_skips_finished_stages(montessori_run):
     cfg, summary, run = montessori_run
     manifests = {p: p.stat().st_mtime for p in run.glob("*/_stage.json")}
-    assert {"data", "pretrain", "teacher", "warmup", "it1-influence", "it1-dpo", "it1-students"} <= {
-        p.parent.name for p in manifests}
+    assert {"data", "tokenizer", "base_init", "pretrain", "teacher", "warmup", "it1-candidates", "it1-influence",
+            "it1-pairs", "it1-dpo", "it1-final", "it1-sft", "it1-students"} == {p.parent.name for p in manifests}
     assert job.run(cfg)["rows"] == summary["rows"]
     assert {p: p.stat().st_mtime for p in run.glob("*/_stage.json")} == manifests
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_changed_dpo_option_redoes_exactly_the_dpo_stage(montessori_run):
+    """Runs last (it changes the run): a new DPO beta with stop_after=it1-dpo rebuilds it1-dpo and
+    nothing upstream of it, and stops before anything downstream (no report)."""
+    from cluster.config import load_config
+
+    cfg, _, run = montessori_run
+    before = {p.parent.name: (p.read_text(), p.stat().st_mtime) for p in run.glob("*/_stage.json")}
+    summary = (run / "summary.json").read_text()
+    changed = load_config(job.MontessoriOptions, TINY, [*TEST_OVERRIDES, f"storage={cfg.storage}", f"run_id={RUN_ID}",
+                                                        f"dpo.beta={cfg.dpo.beta * 2}", "stop_after=it1-dpo"])
+    assert job.run(changed) is None
+    after = {p.parent.name: (p.read_text(), p.stat().st_mtime) for p in run.glob("*/_stage.json")}
+    upstream = ["data", "tokenizer", "base_init", "pretrain", "teacher", "warmup", "it1-candidates", "it1-influence",
+                "it1-pairs"]
+    assert {name: after[name] for name in upstream} == {name: before[name] for name in upstream}
+    assert json.loads(after["it1-dpo"][0])["hash"] != json.loads(before["it1-dpo"][0])["hash"], "it1-dpo was not redone"
+    downstream = ["it1-final", "it1-sft", "it1-students"]  # stale now, but stop_after kept them from being rebuilt
+    assert {name: after[name] for name in downstream} == {name: before[name] for name in downstream}
+    assert (run / "summary.json").read_text() == summary

@@ -92,12 +92,12 @@ def test_pool_scores_equal_in_process_and_resume(ray_local, warm, tmp_path):
     warm_dir, ref, cands, expected = warm
     with ProbePool(functools.partial(make_scorer, warm_dir, ref), num_actors=2) as pool:
         # a first run that stops after 12 candidates, as if the driver had died there
-        pool.run(cands[:12], id_column="id", out_dir=tmp_path, batch_size=4, progress=False)
-        ds = pool.run(cands, id_column="id", out_dir=tmp_path, batch_size=4, progress=False)
+        pool.run(cands[:12], id_column="id", out=str(tmp_path), batch_size=4, progress=False)
+        ds = pool.run(cands, id_column="id", out=str(tmp_path), batch_size=4, progress=False)
         assert pool.stats["scored"] == 18  # the 12 on storage were not scored again
     check(ds, expected)
     assert ds["id"] == [c["id"] for c in cands]  # input order
-    assert (tmp_path / "scores").is_dir() and not list(tmp_path.glob("scores.tmp-*"))
+    assert (tmp_path / "scores.parquet").is_file() and not list(tmp_path.rglob("*.tmp*"))
 
 
 def test_actor_death_loses_and_duplicates_nothing(ray_local, warm, tmp_path):
@@ -105,7 +105,7 @@ def test_actor_death_loses_and_duplicates_nothing(ray_local, warm, tmp_path):
     make = functools.partial(ExitOnce, warm_dir, ref, kill_id=13, marker=str(tmp_path / "died"))
     items = datasets.Dataset.from_list(cands)
     with ProbePool(make, num_actors=2) as pool:
-        ds = pool.run(items, id_column="id", out_dir=tmp_path / "out", batch_size=3, progress=False)
+        ds = pool.run(items, id_column="id", out=str(tmp_path / "out"), batch_size=3, progress=False)
         assert (tmp_path / "died").exists() and pool.replaced == 1 and pool.stats["retried"] >= 1
     check(ds, expected)
     shards = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "shards" / "*.parquet"), split="train")
