@@ -407,6 +407,8 @@ def train_worker(config: dict) -> None:
         if resume_dir and not meta["phase_done"] and meta["phase"] == i and Path(resume_dir, HF_DIR).is_dir():
             hf_resume = str(Path(resume_dir, HF_DIR))
             print(f"[{run.name}:{phase.name}] rank {rank} resuming from {hf_resume}", flush=True)
+        # read now: on local storage hf_resume is Ray's own folder, rotated away as new saves arrive
+        resumed_step = _step_of(hf_resume)
         tracker = None
         if run.tracking is not None:
             tracker = start_run(run.tracking, run_id=f"{run.name}-{phase.name}", name=f"{run.name}/{phase.name}",
@@ -439,7 +441,7 @@ def train_worker(config: dict) -> None:
             if run.evaluate is not None:
                 phase_metrics = run.evaluate(str(final), phase.name)
                 metrics.update({f"{phase.name}/{k}": float(v) for k, v in phase_metrics.items()})
-            metrics[f"{phase.name}/resumed_from_step"] = float(_step_of(hf_resume))
+            metrics[f"{phase.name}/resumed_from_step"] = float(resumed_step)
             metrics[f"{phase.name}/steps"] = float(steps)
             last = lambda key: float(next((h[key] for h in reversed(history) if key in h), float("nan")))  # noqa: E731
             metrics[f"{phase.name}/train_loss"] = last("train_loss")
