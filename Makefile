@@ -24,7 +24,7 @@ run: $(BIN)/.installed
 	$(BIN)/python -m jobs.falsity_sweep --config configs/falsity_sweep/tiny.yaml
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # the inner loop: everything but the end-to-end jobs and multi-worker learners (about 2 minutes)
 test-fast: $(BIN)/.installed
