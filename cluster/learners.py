@@ -344,21 +344,14 @@ def _resume_point(ckpt) -> tuple[dict, str | None]:
     per node (the node's other ranks wait on a file lock and use the same copy)."""
     if ckpt is None:
         return {"phase": 0, "phase_done": False, "metrics": {}}, None
+    import hashlib
+
     import pyarrow.fs
 
     if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
         local = ckpt.path
     else:
-        from filelock import FileLock
-
-        import hashlib
-
-        local = str(storage.cache_root() / f"ckpt-{hashlib.sha256(ckpt.path.encode()).hexdigest()[:16]}")
-        Path(local).parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{local}.lock"):
-            if not Path(local).is_dir():
-                ckpt.to_directory(f"{local}.part")
-                os.replace(f"{local}.part", local)
+        local = storage.node_cached(f"ckpt-{hashlib.sha256(ckpt.path.encode()).hexdigest()[:16]}", ckpt.to_directory)
     return json.loads(Path(local, META).read_text()), local
 
 

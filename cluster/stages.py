@@ -149,27 +149,28 @@ class Stage:
         """URI of something inside the stage (what remote producers are handed)."""
         return Artifact(storage.join(self.uri, *parts), self)
 
-    def _manifest(self) -> dict | None:
+    def _own_manifest(self) -> dict | None:
+        """The committed manifest, if it is this fingerprint's (one read: one request on S3)."""
         uri = storage.join(self.uri, MANIFEST)
-        return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+        m = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+        return m if m is not None and m.get("hash") == self.hash else None
 
     def done(self) -> bool:
-        m = self._manifest()
-        return m is not None and m.get("hash") == self.hash
+        return self._own_manifest() is not None
 
     @property
     def result(self) -> Any:
         """What the stage's build returned (JSON), kept in its manifest."""
-        m = self._manifest()
-        if m is None or m.get("hash") != self.hash:
+        m = self._own_manifest()
+        if m is None:
             raise RuntimeError(f"stage {self.name} is not done")
         return m.get("result")
 
     def ensure(self, build: Callable[[Stage], Any]) -> Any:
         """Build the stage unless it is done; return its result. The manifest is written last,
         after `build` returned, so a failure never leaves the stage marked complete."""
-        if self.done():
-            return self.result
+        if (m := self._own_manifest()) is not None:
+            return m.get("result")
         self._begin()
         t0 = time.time()
         result = build(self)

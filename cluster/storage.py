@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from cluster.config import UserError
 
@@ -116,28 +117,38 @@ def cache_root() -> Path:
     return Path(os.environ.get("DATALAB_CACHE") or Path(tempfile.gettempdir(), "datalab-cache"))
 
 
+def node_cached(key: str, fill: Callable[[str], None]) -> str:
+    """A directory in this node's cache, filled once by `fill(directory)`: the node's other
+    processes wait on a file lock and reuse it; a fill that fails leaves nothing behind."""
+    from filelock import FileLock
+
+    target = cache_root() / key
+    if target.is_dir():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{target}.lock"):
+        if not target.is_dir():
+            part = Path(f"{target}.part")
+            shutil.rmtree(part, ignore_errors=True)
+            fill(str(part))
+            os.replace(part, target)
+    return str(target)
+
+
 def local_copy(uri: str, version: str) -> str:
     """A local directory with the files at `uri`: the path itself for local storage; for remote
     storage, a copy downloaded once per node and `version` (a stage hash, a run name): a new
     version of the same URI is a new download, never a stale one."""
     if not is_remote(uri):
         return filesystem(uri)[1]
-    from filelock import FileLock
+
+    def download(part: str) -> None:
+        fs, path = filesystem(uri)
+        Path(part).mkdir(parents=True)
+        for src in fs.find(path):
+            rel = src[len(path.rstrip("/")) + 1:]
+            (Path(part) / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(src, str(Path(part) / rel))
 
     key = hashlib.sha256(f"{uri}@{version}".encode()).hexdigest()[:16]
-    target = cache_root() / f"{Path(uri.rstrip('/')).name}-{key}"
-    if target.is_dir():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{target}.lock"):
-        if not target.is_dir():
-            fs, path = filesystem(uri)
-            part = Path(f"{target}.part")
-            shutil.rmtree(part, ignore_errors=True)
-            part.mkdir()
-            for src in fs.find(path):
-                rel = src[len(path.rstrip("/")) + 1:]
-                (part / rel).parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(src, str(part / rel))
-            os.replace(part, target)
-    return str(target)
+    return node_cached(f"{Path(uri.rstrip('/')).name}-{key}", download)
