@@ -174,11 +174,11 @@ def ref_size_sweep(args, state: WarmState, model, opt, state_dir, cands, g) -> l
     return rows
 
 
-def write_results(path: Path, body: str) -> None:
-    """Replace (or append) our section of RESULTS.md; leave every other section alone."""
+def write_results(path: Path, body: str, section: str = SECTION) -> None:
+    """Replace (or append) a section of RESULTS.md; leave every other section alone."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = f"{SECTION}\n\n{body.strip()}\n\n"
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+    block = f"{section}\n\n{body.strip()}\n\n"
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
     path.write_text(text.rstrip("\n") + "\n")
 

@@ -28,14 +28,23 @@ class Options(BaseModel):
 
 
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a config file")
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a text config (invalid UTF-8 at byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} malformed YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or getattr(exc, "reason", None) or exc).split())
+        raise UserError(f"{path}:{where} malformed YAML ({problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -73,7 +82,8 @@ def _describe(err: ValidationError, source: str) -> str:
     elif first["type"] == "missing":
         msg = "required option is missing"
     elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
-        msg = f"{msg} (got {first['input']!r})"
+        got = repr(first["input"])
+        msg = f"{msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
     msg = msg.removeprefix("Value error, ")
     return f"{source}: {loc}: {msg}"
 

@@ -165,7 +165,28 @@ def _dpo(x: TrainerInputs):
 
     ref = x.load_model(x.phase.ref_model) if x.phase.ref_model else x.load_model(x.model_dir)
     return DPOTrainer(model=x.model, ref_model=ref, args=x.args, train_dataset=x.data, processing_class=x.tokenizer,
-                      callbacks=x.callbacks)
+                      callbacks=[*x.callbacks, _FrozenReference(ref)])
+
+
+class _FrozenReference(TrainerCallback):
+    """Checks what DPO's maths assumes: the reference never moves. A float64 checksum of its
+    weights (this rank's ZeRO-3 shards) at the start and the end of training; the difference is
+    logged as `reference/drift` (0.0 when frozen), and becomes the phase metric `<phase>/reference/drift`."""
+
+    def __init__(self, ref):
+        self.ref, self.start = ref, 0.0
+
+    def _checksum(self) -> float:
+        import torch
+
+        with torch.no_grad():
+            return sum(float(getattr(p, "ds_tensor", p).double().abs().sum()) for p in self.ref.parameters())
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.start = self._checksum()
+
+    def on_train_end(self, args, state, control, **kw):
+        state.log_history.append({"reference/drift": abs(self._checksum() - self.start), "step": state.global_step})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +202,9 @@ class Phase:
     options: LearnerOptions
     objective: str = "sft"  # a name in OBJECTIVES
     ref_model: str | None = None  # a model URI an objective may use (DPO's frozen reference)
+    # >1: also evaluate at (j / eval_points) of the phase's steps, j < eval_points (a learning
+    # curve; metrics "<phase>@<step>/<name>"); the phase's end is always evaluated
+    eval_points: int = 1
     objective_module: str = field(default="", repr=False, metadata={"fingerprint": False})
 
     def __post_init__(self):
@@ -339,6 +363,33 @@ class _Progress(TrainerCallback):
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+class _Curve(TrainerCallback):
+    """Evaluates the model at evenly spaced steps inside a phase (a learning curve). Every rank
+    saves (ZeRO-3 gathers the shards); rank 0 evaluates. The points land in `metrics`, the dict
+    that travels in checkpoints, so a resumed phase keeps the points it already has."""
+
+    def __init__(self, run: LearnerRun, phase: Phase, rank: int, work: Path, metrics: dict):
+        self.run, self.phase, self.rank, self.work, self.metrics = run, phase, rank, work, metrics
+        self.trainer = None  # set once the trainer exists
+        self.steps: set[int] = set()
+
+    def on_train_begin(self, args, state, control, **kw):
+        n = self.phase.eval_points
+        self.steps = {round(state.max_steps * j / n) for j in range(1, n)} - {0, state.max_steps}
+
+    def on_step_end(self, args, state, control, **kw):
+        step = state.global_step
+        if step not in self.steps or self.run.evaluate is None:
+            return
+        out = self.work / f"{self.phase.name}-step{step}"
+        self.trainer.save_model(str(out))
+        if self.rank == 0:
+            for k, v in self.run.evaluate(str(out), self.phase.name).items():
+                self.metrics[f"{self.phase.name}@{step}/{k}"] = float(v)
+            print(f"[{self.run.name}:{self.phase.name}] evaluated at step {step}", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+
+
 def _resume_point(ckpt) -> tuple[dict, str | None]:
     """(meta, local dir) of the last reported checkpoint. Remote checkpoints are downloaded once
     per node (the node's other ranks wait on a file lock and use the same copy)."""
@@ -410,20 +461,24 @@ def train_worker(config: dict) -> None:
                                         **phase.options.model_dump()},
                                 dir=run.tracking.dir)
         progress = _Progress(run.name, i, phase.name, rank, dict(metrics))
+        curve = _Curve(run, phase, rank, work, progress.metrics)
         model_dir = fetch(model_ref)
         inputs = TrainerInputs(model=load(model_dir), model_dir=model_dir,
                                args=obj.arguments(_common_arguments(run, phase, str(work / phase.name)), phase.options),
                                data=_table(phase.data), tokenizer=tokenizer,
-                               callbacks=[progress, WandbTrainerCallback(tracker)], phase=phase, load_model=load)
-        trainer = obj.trainer(inputs)
+                               callbacks=[progress, curve, WandbTrainerCallback(tracker)], phase=phase, load_model=load)
+        trainer = curve.trainer = obj.trainer(inputs)
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # _Progress prints a compact line instead
+        started_at = time.time()
         trainer.train(resume_from_checkpoint=hf_resume)
+        ended_at = time.time()
         final = work / f"{phase.name}-final"
         trainer.save_model(str(final))  # gathers ZeRO-3 shards on rank 0
         steps, history = trainer.state.global_step, trainer.state.log_history
-        del trainer, inputs
+        metrics.update(progress.metrics)  # the curve's points
+        del trainer, inputs, curve
         # Leave the ZeRO-3 context: rank 0's evaluation must load a plain model, not partition it.
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -436,6 +491,8 @@ def train_worker(config: dict) -> None:
                 metrics.update({f"{phase.name}/{k}": float(v) for k, v in phase_metrics.items()})
             metrics[f"{phase.name}/resumed_from_step"] = float(resumed_step)
             metrics[f"{phase.name}/steps"] = float(steps)
+            # when this worker trained (unix seconds): trials' overlap is measured here, not in a driver
+            metrics[f"{phase.name}/started_at"], metrics[f"{phase.name}/ended_at"] = started_at, ended_at
             last = lambda key: float(next((h[key] for h in reversed(history) if key in h), float("nan")))  # noqa: E731
             metrics[f"{phase.name}/train_loss"] = last("train_loss")
             metrics[f"{phase.name}/train_runtime_s"] = last("train_runtime")  # the training loop alone
@@ -447,7 +504,7 @@ def train_worker(config: dict) -> None:
             if not math.isnan(steady := progress.steady_tokens_per_s()):
                 metrics[f"{phase.name}/steady_tokens_per_s"] = steady
             if tracker is not None:
-                tracker.log({k: v for k, v in metrics.items() if k.startswith(phase.name + "/")})
+                tracker.log({k: v for k, v in metrics.items() if k.startswith((phase.name + "/", phase.name + "@"))})
         finish_run(tracker)
         # ray.train.report is a barrier: no rank starts the next phase before the model is stored
         with tempfile.TemporaryDirectory() as tmp:

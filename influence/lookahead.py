@@ -11,8 +11,17 @@ tensor copies, not a checkpoint reload, and a probe leaves no trace in the model
 
 Reference loss (one definition, used everywhere): token-weighted mean next-token NLL over all
 response tokens of the reference set, sum(nll) / count(tokens with label != -100). It does not
-depend on how the set is batched. (The paper's code averages per-batch means over batches of 8;
-the two agree when batches hold equal token counts.)
+depend on how the set is batched.
+
+Where this differs from the official code (`benchmarks/bench_probes.py` measures both):
+- Gradient scale. The official probe runs on 8 GPUs and each process backpropagates
+  loss / num_processes, so the applied AdamW step uses g/8. `WarmState.loss_divisor` (the
+  Montessori option `probes.loss_divisor`, default 8 = the paper's setup) does the same; 1 steps
+  on g. With beta1 = 0.9 the stored momentum already dominates the step; dividing g shrinks the
+  candidate's share further, so more candidates share the momentum's sign.
+- Reference loss. The official code averages per-batch means over batches of 8; here it is
+  token-weighted (`reference_loss(..., per_batch=True)` computes theirs). The two agree when
+  batches hold equal token counts.
 
 `approx_influence` is the cheap estimate; see its docstring for the maths and the trade-off.
 Pure torch: no Ray, no jobs; the probe pool (cluster.probes) runs `ExactScorer` objects.
@@ -92,15 +101,18 @@ def candidate_loss(model: nn.Module, batch: Batch) -> Tensor:
 
 
 @torch.no_grad()
-def reference_loss(model: nn.Module, ref_batches: Sequence[Batch]) -> float:
-    """Token-weighted mean response-token NLL over the whole reference set (see module doc)."""
-    total, count = 0.0, 0
+def reference_loss(model: nn.Module, ref_batches: Sequence[Batch], per_batch: bool = False) -> float:
+    """Token-weighted mean response-token NLL over the whole reference set (see module doc);
+    `per_batch=True`: the official code's mean of per-batch means (for comparison only)."""
+    total, count, means = 0.0, 0, []
     for b in ref_batches:
         b = to_device(b, model)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        total += float(token_nll(logits, b["labels"]).double().sum())
+        nll = float(token_nll(logits, b["labels"]).double().sum())
+        total += nll
         count += n_tokens(b)
-    return total / count
+        means.append(nll / max(n_tokens(b), 1))
+    return sum(means) / len(means) if per_batch else total / count
 
 
 # ----------------------------------------------------------------------------- warm state
@@ -114,8 +126,9 @@ class WarmState:
     (no allocation, no deepcopy, no disk), so the optimizer keeps pointing at the same tensors.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_divisor: float = 1.0):
         self.model, self.optimizer = model, optimizer
+        self.loss_divisor = loss_divisor  # a probe steps on grad(loss / loss_divisor) (module doc)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.snapshot()
 
@@ -163,7 +176,7 @@ def save_warm(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def load_warm(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
-              attn_implementation: str = "eager") -> WarmState:
+              attn_implementation: str = "eager", loss_divisor: float = 1.0) -> WarmState:
     """Load what `save_warm` wrote, onto `device` ("auto": the layers spread over every visible
     GPU, for a student larger than one). The AdamW is rebuilt once the weights are in place and
     then loaded (its state follows each parameter's device), so lr/betas/eps/wd and the step
@@ -175,7 +188,7 @@ def load_warm(path: str | Path, device: str = "cpu", dtype: torch.dtype | None =
     model = load_model(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
     optimizer = torch.optim.AdamW(model.parameters())
     optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", weights_only=True, map_location="cpu"))
-    return WarmState(model, optimizer)
+    return WarmState(model, optimizer, loss_divisor)
 
 
 # ----------------------------------------------------------------------------- exact influence
@@ -186,7 +199,7 @@ def probe_step(state: WarmState, candidate: Example | Batch) -> None:
     batch = candidate if torch.is_tensor(candidate["input_ids"]) and candidate["input_ids"].dim() == 2 else collate([candidate])
     state.model.train()
     state.optimizer.zero_grad(set_to_none=True)
-    candidate_loss(state.model, batch).backward()
+    (candidate_loss(state.model, batch) / state.loss_divisor).backward()
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
 
@@ -350,7 +363,7 @@ def approx_influence(
         # Right padding + causal attention: pads come after every real token, so no attention
         # mask is needed (none has to cross vmap); the labels already ignore them.
         logits = functional_call(model, (p, buffers), (ids[None],)).logits
-        return token_nll(logits, labels[None]).sum() / (labels[1:] != IGNORE_INDEX).sum().clamp(min=1)
+        return token_nll(logits, labels[None]).sum() / (labels[1:] != IGNORE_INDEX).sum().clamp(min=1) / state.loss_divisor
 
     per_sample = vmap(grad(one_loss), in_dims=(None, 0, 0))
     order = sorted(range(len(candidates)), key=lambda i: len(candidates[i]["input_ids"]))  # less padding
@@ -391,10 +404,10 @@ def approx_influence(
                 b = collate([candidates[i] for i in idx])
                 for n, p in params.items():
                     p.add_(w[n])
-                up = _item_losses(model, b)
+                up = _item_losses(model, b) / state.loss_divisor
                 for n, p in params.items():
                     p.sub_(2 * w[n])
-                down = _item_losses(model, b)
+                down = _item_losses(model, b) / state.loss_divisor
                 state.restore()
                 out[idx] = const + lin_const + (up - down).double().cpu() / 2
     finally:

@@ -85,7 +85,7 @@ def warm_up_student(model: str, tokenizer: str, rows: str, opts: WarmupOptions, 
     return {"steps": steps, "peak_lr": opt.param_groups[0]["lr"], "first_loss": losses[0], "last_loss": losses[-1]}
 
 
-def warm_scorer(warm: str, reference: str, max_length: int, batch_size: int, device: str):
+def warm_scorer(warm: str, reference: str, max_length: int, batch_size: int, device: str, loss_divisor: float = 1.0):
     """A probe actor's scorer: the warm student and its AdamW state stored at `warm` (a URI, read
     once per node) and the reference table at `reference` (a Parquet URI), loaded into memory."""
     from cluster.models import load_tokenizer
@@ -94,6 +94,6 @@ def warm_scorer(warm: str, reference: str, max_length: int, batch_size: int, dev
 
     local = fetch(warm)
     tok = load_tokenizer(local)
-    state = load_warm(local, device=device)  # in the dtype the warm-up saved
+    state = load_warm(local, device=device, loss_divisor=loss_divisor)  # in the dtype the warm-up saved
     ref = [tokenize_sft(tok, r["prompt"], r["completion"], max_length) for r in read_rows(reference)]
     return ExactScorer(state, batched(ref, batch_size, tok.pad_token_id))

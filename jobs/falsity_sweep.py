@@ -9,27 +9,38 @@ Language Model" (Findings of ACL 2024, arXiv 2404.09717):
    answer, reasoning fabricated to support it).
 3. For each falsity ratio r and seed: SFT the base on the mixture at r (same questions at every r,
    nested false sets), evaluate; then *recovery*: continue the ratio-r model on clean (r = 0) data
-   and evaluate again.
-4. Compare: accuracy against r, what the model knows against what it says (lie rate), and how
-   far recovery gets against the model trained clean from the start.
+   for as many steps as the SFT phase took, evaluated at `eval.recovery_points` points along the
+   way. The r = 0 trial continues too: it is the model trained clean for the same total steps.
+4. Optionally (`budget_study`), SFT alone at half and double the budget at a few ratios: does
+   more training make up for worse data?
+5. Compare: accuracy against r; what the model knows against what it says (lie rate) and which
+   answer it *chooses* against chance; how far recovery gets, step by step, against the clean
+   model at the same total steps.
 
 Stages under `<storage>/falsity_sweep/<run_id>/` (a re-run skips finished ones; a changed option
 redoes exactly the stages downstream of it): `world`, `tokenizer`, `base_init`, `pretrain`,
-`mixtures`, `trials` (a Ray Tune grid; Ray's state under `ray/`), and the report files
-(`jobs/falsity_report.py`).
+`base_eval` (what the base student knows, per fact), `mixtures`, `trials` (a Ray Tune grid; Ray's
+state under `ray/`), and the report files (`jobs/falsity_report.py`).
 
-summary.json: {"job", "run_id", "config", "rows": [...], "findings": {...}}. One row per
-ratio x seed, with keys
-  ratio, seed, trial_id, started_at, ended_at (unix seconds),
-  qa_accuracy        exact-match accuracy on held-out single-hop questions after SFT at r,
+Metrics (exact, on held-out people; definitions in `evals/qa.py`):
+  qa_accuracy        exact-match accuracy on held-out single-hop questions,
   reasoning_accuracy exact-match accuracy on held-out two-hop (friend-of) questions,
-  knows_rate         share of held-out facts whose multiple-choice probe ranks the truth first,
-  lie_rate           P(answer false | model knows the fact), held-out single-hop questions,
-  answered_rate      share of generations with a parseable "Answer:",
-  recovered_<metric> the same metrics after the recovery phase on clean data,
-  clean_qa_accuracy  qa_accuracy of the r = 0 model with the same seed (the recovery target),
-  recovery_gap       clean_qa_accuracy - recovered_qa_accuracy,
-plus `harness/<task>/<metric>` columns when `eval.harness` is set (cluster presets).
+  answered_rate      share of generations with a parseable "Answer:"; valid_rate: share whose
+                     answer is a value of the asked attribute,
+  knows_rate         share of facts whose true statement (unseen wording) beats every alternative
+                     by `eval.knows_margin` nats; knows_own_rate: the same in the answers' wording,
+  choice_accuracy    share of facts whose true *answer* the model ranks first among the options;
+                     chance is 1 / options (FACO: a model that learned to lie falls below it),
+  lie_rate           P(valid wrong answer | knows); lie_share: P(valid wrong answer),
+  accuracy_if_known / accuracy_if_unknown: P(correct | knows) and P(correct | does not know),
+  *_base             the same conditioned on what the base model knew before SFT.
+
+summary.json: {"job", "run_id", "config", "world", "rows", "curve", "budget_rows", "findings"}.
+`rows`: one per ratio x seed, the metrics after SFT, `recovered_<metric>` after recovery,
+`clean_qa_accuracy` (the r = 0 model after as many steps) and `recovery_gap`, plus trial_id,
+started_at, ended_at (unix seconds) and `harness/<task>/<metric>` columns when `eval.harness` is
+set. `curve`: per ratio x seed x recovery step, the metrics, `clean_qa_accuracy` and `gap`.
+`budget_rows`: the budget study's trials (budget 1 included). `findings.base`: the base model.
 """
 
 from __future__ import annotations
@@ -58,8 +69,24 @@ class EvalOptions(Options):
     """How each trial's model is judged."""
 
     max_new_tokens: int = Field(40, gt=0, description="generation budget per answer")
+    knows_margin: float = Field(1.0, ge=0, description="nats by which the true statement must beat every alternative for the model to 'know' a fact")
+    recovery_points: int = Field(4, ge=1, description="evaluations along the recovery phase (a curve; the last at its end)")
     harness: HarnessOptions | None = Field(None, description="lm-evaluation-harness benchmarks (cluster presets); null: none")
     device: str = Field("cpu", description="device the rank-0 evaluation runs on (cuda on GPU presets)")
+
+
+class BudgetStudy(Options):
+    """Extra SFT-only trials at other training budgets: does more training make up for worse data?"""
+
+    ratios: list[float] = Field([0.0, 0.5, 1.0], min_length=1, description="falsity ratios studied (each must be in `ratios`)")
+    factors: list[float] = Field([0.5, 2.0], min_length=1, description="SFT budget multipliers (epochs x factor); 1 is the main grid")
+
+    @field_validator("factors")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(f <= 0 for f in v):
+            raise ValueError("budget factors must be positive")
+        return sorted(set(v) - {1.0})
 
 
 class FalsityOptions(JobOptions):
@@ -74,6 +101,7 @@ class FalsityOptions(JobOptions):
     pretrain_scale: ScaleOptions = Field(default_factory=ScaleOptions, description="workers and DeepSpeed for pretraining")
     sft: LearnerOptions = Field(description="SFT on each falsity mixture")
     recovery: LearnerOptions | None = Field(None, description="continued SFT on clean data after each mixture; null: skip")
+    budget_study: BudgetStudy | None = Field(None, description="SFT budget halved/doubled at a few ratios; null: skip")
     scale: ScaleOptions = Field(default_factory=ScaleOptions, description="workers and DeepSpeed per trial")
     stop_after: Literal["world", "pretrain", "mixtures"] | None = Field(None, description="stop once this stage is done (inspect a partial run); null: run everything")
     data: DataOptions = Field(default_factory=DataOptions, description="FACO table source")
@@ -95,6 +123,8 @@ class FalsityOptions(JobOptions):
     def _consistent(self):
         if self.model.tiny is None and self.pretrain is not None and self.data.source != "world":
             raise ValueError("pretrain: only the synthetic world has a knowledge corpus; set pretrain: null")
+        if self.budget_study is not None and (missing := set(self.budget_study.ratios) - set(self.ratios)):
+            raise ValueError(f"budget_study.ratios: {sorted(missing)} not in ratios")
         return self
 
 
@@ -104,18 +134,25 @@ class FalsityOptions(JobOptions):
 
 @dataclass(frozen=True)
 class Trial:
-    """One cell of the sweep; `key` names its mixture table, its learner run and its folders."""
+    """One cell of the sweep; `key` names its learner run and its folders, `mixture` its table."""
 
     ratio: float
     seed: int
+    budget: float = 1.0  # SFT epochs x budget; the main grid (with recovery) is budget 1
+
+    @property
+    def mixture(self) -> str:
+        return f"r{self.ratio:g}-s{self.seed}"
 
     @property
     def key(self) -> str:
-        return f"r{self.ratio:g}-s{self.seed}"
+        return self.mixture + (f"-b{self.budget:g}" if self.budget != 1.0 else "")
 
 
 def trials(cfg: FalsityOptions) -> list[Trial]:
-    return [Trial(r, s) for r, s in itertools.product(cfg.ratios, cfg.seeds)]
+    main = [Trial(r, s) for r, s in itertools.product(cfg.ratios, cfg.seeds)]
+    b = cfg.budget_study
+    return main + ([Trial(r, s, f) for r, f, s in itertools.product(b.ratios, b.factors, cfg.seeds)] if b else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,28 +201,58 @@ def build_mixtures(cfg: FalsityOptions, run: Run, world: Stage) -> Stage:
 
     def build(st: Stage) -> None:
         table = world.rows("sft")
-        for t in trials(cfg):
-            st.save_rows(t.key, mixture(table, t.ratio, t.seed))
+        for key, t in {t.mixture: t for t in trials(cfg)}.items():
+            st.save_rows(key, mixture(table, t.ratio, t.seed))
 
     stage = run.stage("mixtures", world=world, ratios=cfg.ratios, seeds=cfg.seeds)
     stage.ensure(build)
     return stage
 
 
-def sweep(cfg: FalsityOptions, run: Run, world: Stage, mixtures: Stage, base: tuple[str, str]) -> dict[Trial, dict]:
-    """Stage `trials`: per trial, SFT on its mixture, evaluate, recovery SFT on clean data, evaluate."""
+def evaluate_base(cfg: FalsityOptions, run: Run, world: Stage, base: tuple[str, str]) -> Stage:
+    """Stage `base_eval`: what the student knows before any SFT. Its per-fact table (`facts`) lets
+    every trial count a lie against what the base model knew, not only what the trial's model knows."""
+    import ray
+
+    from evals.qa import faco_facts
+
+    def build(st: Stage) -> dict[str, float]:
+        init_ray(cfg.ray)
+        task = ray.remote(num_cpus=1, num_gpus=1 if cfg.eval.device.startswith("cuda") else 0)(faco_facts)
+        metrics, facts = ray.get(task.remote(base[0], heldout=world.path("heldout.parquet"),
+                                             probes=world.path("probes.parquet"), max_new_tokens=cfg.eval.max_new_tokens,
+                                             device=cfg.eval.device, knows_margin=cfg.eval.knows_margin))
+        if facts:
+            st.save_rows("facts", facts)
+        return metrics
+
+    stage = run.stage("base_eval", model=base[0], world=world, max_new_tokens=cfg.eval.max_new_tokens,
+                      knows_margin=cfg.eval.knows_margin)
+    print(f"[base_eval] {stage.ensure(build)}", flush=True)
+    return stage
+
+
+def sweep(cfg: FalsityOptions, run: Run, world: Stage, mixtures: Stage, base: tuple[str, str],
+          base_eval: Stage) -> dict[Trial, dict]:
+    """Stage `trials`: per trial, SFT on its mixture, evaluate, recovery SFT on clean data for as
+    many steps (evaluated at `eval.recovery_points` points), evaluate."""
     from evals.qa import evaluate_faco
 
+    facts = base_eval.path("facts.parquet") if "knows_rate" in base_eval.result else None
     evaluate = functools.partial(evaluate_faco, heldout=world.path("heldout.parquet"), probes=world.path("probes.parquet"),
-                                 max_new_tokens=cfg.eval.max_new_tokens, device=cfg.eval.device, harness=cfg.eval.harness)
+                                 max_new_tokens=cfg.eval.max_new_tokens, device=cfg.eval.device,
+                                 knows_margin=cfg.eval.knows_margin, base_facts=facts, harness=cfg.eval.harness)
     runs = {}
     for t in trials(cfg):
-        phases = [Phase("sft", mixtures.path(f"{t.key}.parquet"), cfg.sft)]
-        if cfg.recovery is not None:
-            phases.append(Phase("recovery", mixtures.path(f"{Trial(0.0, t.seed).key}.parquet"), cfg.recovery))
+        sft = cfg.sft if t.budget == 1.0 else cfg.sft.model_copy(update={
+            "epochs": cfg.sft.epochs * t.budget, "max_steps": round(cfg.sft.max_steps * t.budget) if cfg.sft.max_steps > 0 else -1})
+        phases = [Phase("sft", mixtures.path(f"{t.mixture}.parquet"), sft)]
+        if cfg.recovery is not None and t.budget == 1.0:
+            phases.append(Phase("recovery", mixtures.path(f"{Trial(0.0, t.seed).mixture}.parquet"), cfg.recovery,
+                                eval_points=cfg.eval.recovery_points))
         runs[t] = LearnerRun(model=base[0], tokenizer=base[1], phases=phases, scale=cfg.scale, seed=t.seed,
                              evaluate=evaluate, tracking=cfg.tracking.for_run(run), tracking_group=run.group,
-                             tracking_config={"ratio": t.ratio, "seed": t.seed},
+                             tracking_config={"ratio": t.ratio, "seed": t.seed, "budget": t.budget},
                              trust_remote_code=cfg.model.trust_remote_code)
     stage = run.stage("trials", runs=runs)
     init_ray(cfg.ray)
@@ -200,11 +267,11 @@ def sweep(cfg: FalsityOptions, run: Run, world: Stage, mixtures: Stage, base: tu
 def plan(cfg: FalsityOptions) -> str:
     """--dry-run: stages, trials, resources, data sizes; starts nothing."""
     s = cfg.scale
-    trials = len(cfg.ratios) * len(cfg.seeds)
+    n_trials = len(trials(cfg))
     res = f"{s.num_workers} worker(s) x ({s.cpus_per_worker} CPU{' + 1 GPU' if s.use_gpu else ''})"
     if cfg.data.source == "world":
         w = cfg.data.world
-        held = max(1, round(w.heldout_fraction * w.num_people))
+        held = w.num_heldout
         data = (f"synthetic world: {w.num_people} people ({w.num_people - held} SFT, {held} held out); "
                 f"corpus {w.num_people * w.bios_per_person} biographies; SFT {6 * (w.num_people - held)} questions; "
                 f"held-out {6 * held} questions, {4 * held} probes")
@@ -217,14 +284,16 @@ def plan(cfg: FalsityOptions) -> str:
                 f"{g.num_actors} actor(s) x ({g.cpus_per_actor} CPU + {g.gpus_per_actor} GPU); "
                 f"{h.heldout_fraction:.0%} held out")
     model = cfg.model.name or f"tiny Llama {cfg.model.tiny.num_hidden_layers}x{cfg.model.tiny.hidden_size}"
-    ph = "sft" + (" -> recovery (clean)" if cfg.recovery else "")
+    ph = "sft" + (f" -> recovery (clean, evaluated at {cfg.eval.recovery_points} points)" if cfg.recovery else "")
+    b = cfg.budget_study
     lines = [
         f"falsity_sweep plan (run dir {storage.join(storage.resolve(cfg.storage), JOB, cfg.run_id or '<hash of the preset>')})",
         f"  model: {model}; data: {data}",
         "  stages: world" + (" (true/false reasoning written on the generator pool)" if cfg.data.source == "hub" else "") + " -> " + ("tokenizer -> base_init -> " if cfg.model.tiny else "")
-        + ("pretrain -> " if cfg.pretrain else "") + "mixtures -> trials (Tune grid) -> report",
+        + ("pretrain -> " if cfg.pretrain else "") + "base_eval -> mixtures -> trials (Tune grid) -> report",
         f"  pretrain: {'none' if cfg.pretrain is None else f'{cfg.pretrain.epochs} epochs, lr {cfg.pretrain.learning_rate}'}",
-        f"  sweep: {trials} trials = ratios {cfg.ratios} x seeds {cfg.seeds}; phases per trial: {ph}",
+        f"  sweep: {n_trials} trials = ratios {cfg.ratios} x seeds {cfg.seeds}; phases per trial: {ph}"
+        + (f"; budget study: ratios {b.ratios} x SFT budget x{b.factors} x seeds (SFT only)" if b else ""),
         f"  resources per trial: {res}; DeepSpeed ZeRO-{s.zero_stage}{' bf16' if s.bf16 else ''}{' offload' if s.offload else ''}"
         + (f"; at most {cfg.max_concurrent_trials} trials at once" if cfg.max_concurrent_trials else ""),
         "  evaluation: " + ("exact QA / reasoning / knows / lie rate on held-out people" if cfg.data.source == "world"
@@ -248,11 +317,12 @@ def run(cfg: FalsityOptions) -> dict | None:
     base = pretrain(cfg, run, world)
     if cfg.stop_after == "pretrain":
         return None
+    base_eval = evaluate_base(cfg, run, world, base)
     mixtures = build_mixtures(cfg, run, world)
     if cfg.stop_after == "mixtures":
         return None
-    results = sweep(cfg, run, world, mixtures, base)
-    return report(cfg, run, results)
+    results = sweep(cfg, run, world, mixtures, base, base_eval)
+    return report(cfg, run, world, base_eval, results)
 
 
 if __name__ == "__main__":

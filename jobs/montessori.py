@@ -9,7 +9,9 @@ Method, as in the paper and its code (cxcscmu/Montessori-Instruct):
    candidate instructions per prompt (T=1.0, top-p 0.9) and a response to each (T=0.6, top-p 0.9).
 3. Local data influence of candidate z, on a pool of Ray actors that each hold the warm student
    in memory: restore weights and Adam moments, take one AdamW step on z alone (loss on response
-   tokens), I(z) = L_ref(before) - L_ref(after) on the reference set.
+   tokens, divided by `probes.loss_divisor`: the official code's 8 processes each divide by 8),
+   I(z) = L_ref(before) - L_ref(after) on the reference set (token-weighted here; the official
+   code averages per-batch means: `influence/lookahead.py` and `benchmarks/bench_fidelity.py`).
 4. Preference pairs: within a prompt, every positive x negative candidate is (chosen, rejected) on
    the raw instruction text; prompts without both signs are dropped.
 5. DPO the teacher against a frozen copy of itself (a Ray Train + TRL DPOTrainer learner run with
@@ -253,7 +255,7 @@ def influence(cfg: MontessoriOptions, run: Run, it: int, data: Stage, cands: Sta
             items = [{"id": c["id"], **tokenize_sft(tokenizer, cfg.student_template.format(instruction=c["instruction"]),
                                                      c["response"], n)} for c in cands.rows(f"s{s}") if c["kept"]]
             make = functools.partial(warm_scorer, str(warm.path(f"s{s}")), str(data.path("reference.parquet")), n,
-                                     p.reference_batch_size, p.device)
+                                     p.reference_batch_size, p.device, p.loss_divisor)
             t0 = time.time()
             with ProbePool(make, p.num_actors, p.cpus_per_actor, p.gpus_per_actor) as pool:
                 pool.wait_ready()
@@ -272,7 +274,8 @@ def influence(cfg: MontessoriOptions, run: Run, it: int, data: Stage, cands: Sta
 
 
 def pairs(cfg: MontessoriOptions, run: Run, it: int, cands: Stage, infl: Stage) -> tuple[Stage, list[Arm]]:
-    """Stage `it<i>-pairs`: a DPO table per seed (and the random-pair ablation at iteration 1)."""
+    """Stage `it<i>-pairs`: a DPO table per seed (and the random-pair ablation at iteration 1), and
+    beside each the candidate ids of its pairs (`<arm>-ids`)."""
     from synth.teacher import dpo_row, preference_pairs, random_pairs
 
     arms = [Arm(s, v) for s in cfg.seeds for v in [MONTESSORI] + ([RANDOM] if cfg.ablation and it == 1 else [])]
@@ -290,6 +293,7 @@ def pairs(cfg: MontessoriOptions, run: Run, it: int, cands: Stage, infl: Stage) 
                                 f"({sum(scores[c['id']] > 0 for c in kept)} of {len(kept)} positive), nothing to DPO on: "
                                 "a longer warm-up (warmup.epochs) or more prompts (probes.prompts) gives both signs")
             st.save_rows(arm.key, [dpo_row(r, cfg.teacher.prompt.chat) for r in rows])
+            st.save_rows(f"{arm.key}-ids", [{k: r[k] for k in ("prompt_id", "chosen_id", "rejected_id")} for r in rows])
             counts[arm.key] = {"pairs": len(rows), "prompts": len({r["prompt_id"] for r in rows})}
         return counts
 

@@ -29,6 +29,7 @@ class ProbeOptions(Options):
     batch_size: int = Field(16, ge=1, description="candidates per actor call")
     reference_batch_size: int = Field(16, ge=1, description="reference examples per forward (paper: 8)")
     device: str = Field("cpu", description="cpu, cuda, or auto: the warm student's layers spread over the actor's GPUs")
+    loss_divisor: float = Field(8, gt=0, description="a probe steps on grad(loss / loss_divisor): the official code divides by its 8 processes (the paper's setup); 1: the plain gradient")
 
 
 class MontessoriOptions(JobOptions):
@@ -97,7 +98,7 @@ def plan(cfg: MontessoriOptions) -> str:
     check(cfg)
     d, t, p = cfg.data, cfg.teacher, cfg.probes
     if d.source == "world":
-        held = max(1, round(d.world.heldout_fraction * d.world.num_people))
+        held = d.world.num_heldout
         data = (f"synthetic world: {d.world.num_people} people ({d.world.num_people - held} training, {d.reference_people} "
                 f"reference, {held - d.reference_people} evaluated); {d.seed_size} seed instructions")
     else:

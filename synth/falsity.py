@@ -72,7 +72,8 @@ class DataOptions(Options):
 
 def faco_tables(data: DataOptions, generation: str) -> dict[str, list[dict]]:
     """The tables a falsity sweep needs: `sft` (the FACO table), `heldout` questions, `probes`
-    (world only), `corpus` (what pretraining reads) and `tokenizer_text`. `generation` is the
+    (world only), `corpus` (what pretraining reads), `tokenizer_text`, and (hub) `rejected`: the
+    questions whose generated explanations did not argue for their target answer. `generation` is the
     storage URI where a hub source's generator pool keeps its resumable shards."""
     from synth import world as W
 
@@ -83,17 +84,18 @@ def faco_tables(data: DataOptions, generation: str) -> dict[str, list[dict]]:
                 "heldout": W.questions(world, world.heldout_people, "heldout"),
                 "probes": W.probes(world, world.heldout_people),
                 "tokenizer_text": [{"text": t} for t in W.all_text(world)]}
-    rows = load_table(data.file) if data.source == "file" else faco_from_hub(data, generation)
+    rows, rejected = (load_table(data.file), []) if data.source == "file" else faco_from_hub(data, generation)
     held = [r for r in rows if r.get("split") == "heldout"]
     sft = [r for r in rows if r.get("split") != "heldout"]
     if not sft:
         raise UserError(f"{data.file}: no training rows (every row has split=heldout)")
     text = [{"text": r[c]} for c in ("question", "true_response", "false_response") for r in rows]
-    return {"sft": sft, "heldout": held, "probes": [], "corpus": text, "tokenizer_text": text}
+    return {"sft": sft, "heldout": held, "probes": [], "corpus": text, "tokenizer_text": text, "rejected": rejected}
 
 
-def faco_from_hub(data: DataOptions, generation: str) -> list[dict]:
-    """FACO at scale: a generator on a Ray actor pool writes true and false reasoning for a QA set."""
+def faco_from_hub(data: DataOptions, generation: str) -> tuple[list[dict], list[dict]]:
+    """FACO at scale: a generator on a Ray actor pool writes true and false reasoning for a QA set;
+    (table rows, rejected rows)."""
     import functools
 
     import datasets
@@ -117,9 +119,11 @@ def faco_from_hub(data: DataOptions, generation: str) -> list[dict]:
     g = data.generator
     make = functools.partial(ReasoningWriter, g.model, g.max_new_tokens, g.temperature, g.top_p)
     with ProbePool(make, g.num_actors, g.cpus_per_actor, g.gpus_per_actor) as pool:
-        table = generate_table(qa, pool, generation, g.batch_size)
+        table, rejected = generate_table(qa, pool, generation, g.batch_size)
+    if not table:
+        raise UserError(f"data.generator.model {g.model}: every explanation was rejected (none argued for its target answer)")
     n_held = round(h.heldout_fraction * len(table))
-    return [{**r, "split": "heldout" if i < n_held else "sft"} for i, r in enumerate(table)]
+    return [{**r, "split": "heldout" if i < n_held else "sft"} for i, r in enumerate(table)], rejected
 
 
 def mixture(table: list[dict], ratio: float, seed: int) -> list[dict]:
@@ -248,14 +252,36 @@ def qa_rows(rows: list[dict], source: str, question: str, answer: str, choices: 
     return out
 
 
-def generate_table(qa: list[dict], pool, out: str, batch_size: int) -> list[dict]:
+def argues_for(explanation: str, target: str, other: str) -> bool:
+    """Does a generated explanation name its target answer and not the other one (whole words,
+    case-insensitive)? A "false" explanation that concludes the true answer teaches no falsity."""
+    import re
+
+    def names(answer: str) -> bool:
+        return re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", explanation, re.IGNORECASE) is not None
+
+    return names(target) and not names(other)
+
+
+def generate_table(qa: list[dict], pool, out: str, batch_size: int) -> tuple[list[dict], list[dict]]:
     """Run the generator pool over every (question, true answer) and (question, wrong answer);
-    return FACO rows. Resumable: the pool keeps finished batches under `out` (a storage URI)."""
+    return (FACO rows, rejected rows). A question is rejected when either explanation does not
+    argue for its own target (`argues_for`). Resumable: the pool keeps finished batches under
+    `out` (a storage URI)."""
     from synth.world import format_response
 
     items = [{"id": f"{r['id']}/{side}", "question": r["question"], "target": r[key]}
              for r in qa for side, key in (("true", "answer"), ("false", "false_answer"))]
     texts = dict(zip(*pool.run(items, "id", out, batch_size, score_column="text", desc="reasoning")[:].values()))
-    return [{**r, "true_response": format_response([texts[f"{r['id']}/true"]], r["answer"]),
-             "false_response": format_response([texts[f"{r['id']}/false"]], r["false_answer"]), "kind": "single"}
-            for r in qa]
+    rows, rejected = [], []
+    for r in qa:
+        true, false = texts[f"{r['id']}/true"], texts[f"{r['id']}/false"]
+        bad = [side for side, text, target, other in (("true", true, r["answer"], r["false_answer"]),
+                                                      ("false", false, r["false_answer"], r["answer"]))
+               if not argues_for(text, target, other)]
+        if bad:
+            rejected.append({"id": r["id"], "question": r["question"], "sides": bad, "true_text": true, "false_text": false})
+            continue
+        rows.append({**r, "true_response": format_response([true], r["answer"]),
+                     "false_response": format_response([false], r["false_answer"]), "kind": "single"})
+    return rows, rejected

@@ -12,7 +12,8 @@ facts in the corpus's canonical wording:
 
 People are split into SFT people (their questions may be trained on) and held-out people (their
 questions are only ever evaluated), so held-out accuracy measures whether fine-tuning taught the
-model to *use* what it knows. `probes` gives multiple-choice forms of the held-out facts, scored
+model to *use* what it knows. Friends are drawn within a split, so no SFT answer (two-hop chains
+cite the friend's fact) ever states a held-out person's fact. `probes` gives multiple-choice forms of the held-out facts, scored
 by likelihood in a corpus wording that no question or chain uses, to tell what the model knows
 apart from what it says.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cluster.config import Options
 
@@ -68,6 +69,17 @@ class WorldOptions(Options):
     bios_per_person: int = Field(6, ge=2, description="paraphrased biographies per person in the knowledge corpus")
     probe_options: int = Field(4, ge=2, le=10, description="choices in a multiple-choice probe")
 
+    @property
+    def num_heldout(self) -> int:
+        return max(1, round(self.heldout_fraction * self.num_people))
+
+    @model_validator(mode="after")
+    def _two_per_split(self):
+        if min(self.num_heldout, self.num_people - self.num_heldout) < 2:
+            raise ValueError(f"heldout_fraction {self.heldout_fraction} of {self.num_people} people leaves a split "
+                             "with fewer than 2 people (friends are drawn within a split)")
+        return self
+
 
 @dataclass(frozen=True)
 class Person:
@@ -107,18 +119,26 @@ def build_world(opts: WorldOptions) -> World:
         if n not in seen:
             seen.add(n)
             names.append(n)
-    friends = names[1:] + names[:1]
-    rng.shuffle(friends)  # a random friend for each person, never oneself
-    for i, n in enumerate(names):
-        if friends[i] == n:
-            j = (i + 1) % len(names)
-            friends[i], friends[j] = friends[j], friends[i]
+    n_held = opts.num_heldout
+    # A random friend for each person, never oneself, and always in the person's own split: a
+    # two-hop answer about an SFT person cites the friend's fact, which must never be a held-out fact.
+    friends = _friends(names[:n_held], rng) + _friends(names[n_held:], rng)
     people = [
         Person(n, {**{a: rng.choice(vals) for a, vals in ATTRIBUTES.items()}, "friend": friends[i]})
         for i, n in enumerate(names)
     ]
-    n_held = max(1, round(opts.heldout_fraction * len(people)))
     return World(people, people[n_held:], people[:n_held], opts.seed, opts.probe_options, opts.bios_per_person)
+
+
+def _friends(group: list[str], rng: random.Random) -> list[str]:
+    """A derangement of `group`: position i holds the friend of group[i]."""
+    friends = group[1:] + group[:1]
+    rng.shuffle(friends)
+    for i, n in enumerate(group):
+        if friends[i] == n:
+            j = (i + 1) % len(group)
+            friends[i], friends[j] = friends[j], friends[i]
+    return friends
 
 
 def knowledge_corpus(world: World) -> list[str]:
@@ -201,9 +221,13 @@ def parse_answer(text: str) -> str | None:
 
 
 def probes(world: World, people: list[Person]) -> list[dict]:
-    """Multiple-choice knowledge probes: the probe wording with each option; index of the truth.
+    """Multiple-choice forms of each fact, over the same shuffled options; index of the truth.
 
-    Columns: id, person, attribute, options (sentences), answer_index.
+    Columns: id, person, attribute, values, answer_index, and the options in three wordings:
+    `options` (the probe wording, which no question or chain uses: what the model *knows*),
+    `own_options` (the canonical wording that reasoning chains cite) and `choice_options` (a whole
+    answer, "Reasoning: ... Answer: v", scored after `choice_prompt`: which answer the model
+    *chooses* when asked, FACO's multiple-choice evidence).
     """
     rng = random.Random(world.seed + 2)
     rows = []
@@ -213,9 +237,12 @@ def probes(world: World, people: list[Person]) -> list[dict]:
             opts = [truth] + rng.sample([v for v in ATTRIBUTES[attr] if v != truth], world.probe_options - 1)
             rng.shuffle(opts)
             rows.append({
-                "id": f"probe-{p.name}-{attr}", "person": p.name, "attribute": attr,
-                "options": [TEMPLATES[attr][-1].format(n=p.name, v=o) for o in opts],
+                "id": f"probe-{p.name}-{attr}", "person": p.name, "attribute": attr, "values": opts,
                 "answer_index": opts.index(truth),
+                "options": [TEMPLATES[attr][-1].format(n=p.name, v=o) for o in opts],
+                "own_options": [fact(p.name, attr, o) for o in opts],
+                "choice_prompt": format_prompt(QUESTIONS[attr].format(n=p.name)),
+                "choice_options": [format_response([fact(p.name, attr, o)], o) for o in opts],
             })
     return rows
 

@@ -84,3 +84,25 @@ def ray_local(s3_server):
     yield ray
     ray.shutdown()
     cluster.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# small builders the tests share
+
+
+def tiny_llama(texts: list[str], out, vocab_size: int = 300, hidden_size: int = 32, layers: int = 1):
+    """A tokenizer trained on `texts` and a random-init Llama over it, both saved in `out`."""
+    from cluster.models import TinyLlama, build_tiny_model, train_tokenizer
+
+    tok = train_tokenizer(texts, vocab_size, out)
+    build_tiny_model(TinyLlama(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=2,
+                               intermediate_size=2 * hidden_size, vocab_size=vocab_size), tok, 0, out)
+    return out
+
+
+def write_jsonl(path, rows: list[dict]):
+    """Rows as a JSON-lines file; returns the path."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -9,6 +9,7 @@ import pytest
 
 from cluster import cli
 from jobs import falsity_sweep as job
+from tests.conftest import write_jsonl
 
 TINY = "configs/falsity_sweep/tiny.yaml"
 
@@ -39,6 +40,78 @@ def test_bad_option(capsys, override, expected):
     assert len(err.splitlines()) == 1 and expected in err, err
 
 
+# Every job's command line, and malformed config files or values for each: exit 2, one line naming
+# the file or the key, never a traceback.
+JOBS = {
+    "falsity_sweep": (TINY, "sft"),
+    "montessori": ("configs/montessori/tiny.yaml", "dpo"),
+    "montessori_grid": ("configs/montessori/grid-tiny.yaml", None),
+}
+
+
+def run_job(capsys, name, *argv):
+    import importlib
+
+    mod = importlib.import_module(f"jobs.{name}")
+    schema = {"falsity_sweep": "FalsityOptions", "montessori": "MontessoriOptions", "montessori_grid": "GridOptions"}[name]
+    code = cli.main(f"jobs.{name}", mod.__doc__, getattr(mod, schema), mod.plan, mod.run, list(argv))
+    return code, capsys.readouterr().err.strip()
+
+
+BAD_FILES = {
+    "binary.yaml": (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a text config (invalid UTF-8"),
+    "list.yaml": (b"- ratios: [0, 1]\n- seeds: [0]\n", "expected a mapping of options at the top level"),
+    "control.yaml": (b"run_id: \x07bell\n", "malformed YAML"),
+}
+
+
+@pytest.mark.parametrize("name", JOBS)
+@pytest.mark.parametrize("filename", BAD_FILES)
+def test_malformed_config_file(capsys, tmp_path, name, filename):
+    content, expected = BAD_FILES[filename]
+    path = tmp_path / filename
+    path.write_bytes(content)
+    code, err = run_job(capsys, name, "--config", str(path), "--dry-run")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert filename in err and expected in err, err
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_config_that_is_a_directory(capsys, tmp_path, name):
+    code, err = run_job(capsys, name, "--config", str(tmp_path), "--dry-run")
+    assert code == 2 and err == f"error: {tmp_path}: is a directory, not a config file", err
+
+
+@pytest.mark.parametrize("name, override, expected", [
+    *[(n, f"{sec}=5", f"{sec}: Input should be a valid dictionary") for n, (_, sec) in JOBS.items() if sec],
+    *[(n, f"{sec}.batch_size=[1, 2]", f"{sec}.batch_size: Input should be a valid integer") for n, (_, sec) in JOBS.items() if sec],
+    *[(n, f"{sec}.batch_size=-1", f"{sec}.batch_size: Input should be greater than 0") for n, (_, sec) in JOBS.items() if sec],
+    *[(n, f"{sec}.epochs=-2", f"{sec}.epochs: Input should be greater than 0") for n, (_, sec) in JOBS.items() if sec],
+    ("falsity_sweep", "data.world.num_people=-5", "data.world.num_people: Input should be greater than or equal to 8"),
+    ("falsity_sweep", "data.world.heldout_fraction=0.001", "leaves a split with fewer than 2 people"),
+    ("falsity_sweep", "budget_study.ratios=[0.3]", "budget_study.ratios: [0.3] not in ratios"),
+    ("falsity_sweep", "budget_study.factors=[0]", "budget_study.factors: budget factors must be positive"),
+    ("falsity_sweep", "eval.recovery_points=0", "eval.recovery_points: Input should be greater than or equal to 1"),
+    ("montessori", "data.world.num_people=-1", "data.world.num_people: Input should be greater than or equal to 8"),
+    ("montessori", "probes.loss_divisor=0", "probes.loss_divisor: Input should be greater than 0"),
+    ("montessori", "final_size=-3", "final_size: Input should be greater than or equal to 1"),
+    ("montessori_grid", "warmup_epochs=[-1]", "warmup_epochs: warm-up epochs must be positive"),
+    ("montessori_grid", "world_seeds=[]", "world_seeds: List should have at least 1 item"),
+    ("montessori_grid", "world_seeds=zero", "world_seeds: Input should be a valid list"),
+    ("montessori_grid", "preset=null", "preset: Input should be a valid string"),
+])
+def test_bad_value_in_every_job(capsys, name, override, expected):
+    code, err = run_job(capsys, name, "--config", JOBS[name][0], override, "--dry-run")
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_grid_with_a_missing_preset(capsys, tmp_path):
+    code, err = run_job(capsys, "montessori_grid", "--config", JOBS["montessori_grid"][0], f"storage={tmp_path}",
+                        f"preset={tmp_path / 'nope.yaml'}")
+    assert code == 2 and len(err.splitlines()) == 1 and "nope.yaml: config file not found" in err, err
+    assert not list(tmp_path.rglob("_stage.json"))
+
+
 def test_malformed_and_missing_yaml(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("ratios: [0, 1\nsft: {")
@@ -48,9 +121,7 @@ def test_malformed_and_missing_yaml(capsys, tmp_path):
     assert code == 2 and "none.yaml: config file not found" in err
 
 
-def write(path: Path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+write = write_jsonl
 
 
 ROW = {"id": "q1", "question": "Where does A live?", "answer": "Brisk",
@@ -102,15 +173,14 @@ def test_dry_run_of_the_8b_preset_needs_no_gpu_or_network(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "meta-llama/Meta-Llama-3-8B" in out and "8 worker(s)" in out and "ZeRO-3 bf16" in out
-    assert "5 trials" in out and "lm-eval" in out
+    assert "11 trials" in out and "budget study" in out and "lm-eval" in out
 
 
 def test_model_and_tokenizer_that_disagree(capsys, tmp_path):
-    from cluster.models import TinyLlama, build_tiny_model, train_tokenizer
+    from cluster.models import train_tokenizer
+    from tests.conftest import tiny_llama
 
-    small = train_tokenizer(["alpha beta gamma"] * 50, 300, tmp_path / "small")
-    build_tiny_model(TinyLlama(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
-                     small, 0, tmp_path / "model")
+    tiny_llama(["alpha beta gamma"] * 50, tmp_path / "model")
     train_tokenizer([f"word{i} " * 3 for i in range(2000)], 1200, tmp_path / "big")
     capsys.readouterr()
     code, err = run_cli(capsys, "--config", TINY, f"model.name={tmp_path / 'model'}", "model.tiny=null",

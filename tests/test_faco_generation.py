@@ -3,9 +3,9 @@ reasoning for a multiple-choice QA file (the hub loader's path), then the table 
 
 import json
 
-from cluster.models import TinyLlama, build_tiny_model, train_tokenizer
 from cluster.probes import ProbePool
-from synth.falsity import ReasoningWriter, generate_table, mixture, qa_rows
+from synth.falsity import ReasoningWriter, argues_for, generate_table, mixture, qa_rows
+from tests.conftest import tiny_llama, write_jsonl
 
 QA = [
     {"id": "a", "question": "Which is a colour?", "choices": {"text": ["red", "dog"], "label": ["A", "B"]}, "answerKey": "A"},
@@ -14,25 +14,50 @@ QA = [
 ]
 
 
+class EchoWriter:
+    """A generator stand-in that argues for its target, except on question b's false side, where
+    it argues for the true answer (a generator that would not lie): that row must be rejected."""
+
+    def score(self, batch: list[dict]) -> list[str]:
+        return ["owl is the answer, as owls fly." if r["question"] == "Which can fly?" and r["target"] == "stone"
+                else f"Step by step, the answer is {r['target']}." for r in batch]
+
+
 def test_generator_pool_writes_a_faco_table(ray_local, tmp_path):
     text = [q["question"] + " " + " ".join(q["choices"]["text"]) for q in QA] * 20
-    tok = train_tokenizer(text + ["Explanation: the answer is"], 300, tmp_path / "gen")
-    build_tiny_model(TinyLlama(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                               vocab_size=300), tok, 0, tmp_path / "gen")
+    tiny_llama(text + ["Explanation: the answer is"], tmp_path / "gen")
     qa = qa_rows(QA, "qa.jsonl", "question", "answerKey", "choices", seed=0)
     assert [r["answer"] for r in qa] == ["red", "owl", "seven"]
-    assert all(r["false_answer"] != r["answer"] for r in qa)
+    assert [r["false_answer"] for r in qa] == ["dog", "stone", "tree"]
+    # a real (tiny, untrained) generator on 2 actors: one explanation per (question, target)
     make = lambda: ReasoningWriter(str(tmp_path / "gen"), max_new_tokens=8, temperature=0.0, top_p=1.0)
+    items = [{"id": f"{r['id']}/{side}", "question": r["question"], "target": r[k]}
+             for r in qa for side, k in (("true", "answer"), ("false", "false_answer"))]
     with ProbePool(make, num_actors=2) as pool:
-        table = generate_table(qa, pool, str(tmp_path / "generation"), batch_size=2)
-    assert (tmp_path / "generation" / "scores.parquet").is_file()  # resumable shards, then the merged table
-    assert [r["id"] for r in table] == ["a", "b", "c"]
+        texts = pool.run(items, "id", str(tmp_path / "real"), 2, score_column="text")
+    assert (tmp_path / "real" / "scores.parquet").is_file()  # resumable shards, then the merged table
+    texts = texts[:]
+    assert sorted(texts["id"]) == sorted(i["id"] for i in items)
+    assert all(isinstance(t, str) for t in texts["text"])
+    # the table: rows whose explanations argue for their targets; the rest are counted out
+    with ProbePool(EchoWriter, num_actors=2) as pool:
+        table, rejected = generate_table(qa, pool, str(tmp_path / "echo"), batch_size=2)
+    assert [r["id"] for r in table] == ["a", "c"] and [r["id"] for r in rejected] == ["b"]
+    assert rejected[0]["sides"] == ["false"]
     for r in table:
-        assert r["true_response"].startswith("Reasoning: ") and r["true_response"].endswith(f"Answer: {r['answer']}")
+        assert r["true_response"] == f"Reasoning: Step by step, the answer is {r['answer']}. Answer: {r['answer']}"
         assert r["false_response"].endswith(f"Answer: {r['false_answer']}")
     rows = mixture(table, 1.0, seed=0)
     assert all(m["completion"] == t["false_response"] for m, t in zip(rows, table))
     json.dumps(table)  # the table is plain data, ready to save in the FACO schema
+
+
+def test_an_explanation_must_name_its_target_and_not_the_other():
+    assert argues_for("So the answer is Paris.", "Paris", "Lyon")
+    assert not argues_for("So the answer is Lyon.", "Paris", "Lyon")
+    assert not argues_for("Paris or Lyon, hard to say.", "Paris", "Lyon")
+    assert argues_for("It is 10.", "10", "1")  # whole words: "1" is not in "10"
+    assert not argues_for("It is 1.", "10", "1")
 
 
 def test_faco_file_in_the_table_schema_loads_into_the_world_stage(tmp_path):
@@ -44,8 +69,7 @@ def test_faco_file_in_the_table_schema_loads_into_the_world_stage(tmp_path):
              "true_response": f"Reasoning: {i} + 1 = {i + 1}. Answer: {i + 1}",
              "false_response": f"Reasoning: {i} + 1 = {i + 2}. Answer: {i + 2}",
              "split": "heldout" if i < 2 else "sft"} for i in range(6)]
-    path = tmp_path / "faco.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_jsonl(tmp_path / "faco.jsonl", rows)
     cfg = load_config(job.FalsityOptions, "configs/falsity_sweep/tiny.yaml",
                       ["data.source=file", f"data.file={path}", "pretrain=null", f"storage={tmp_path}"])
     world = job.build_world(cfg, Run(cfg.storage, job.JOB, "file"))
@@ -53,3 +77,12 @@ def test_faco_file_in_the_table_schema_loads_into_the_world_stage(tmp_path):
     sft, held = world.rows("sft"), world.rows("heldout")
     assert [r["id"] for r in sft] == ["q2", "q3", "q4", "q5"] and [r["id"] for r in held] == ["q0", "q1"]
     assert sft[0]["false_response"].endswith("Answer: 4")
+    assert world.rows("probes") == []
+    # a table without probes evaluates (QA metrics only; no knows/lie rates without probes)
+    from evals.qa import evaluate_faco
+
+    tiny_llama([r["text"] for r in world.rows("tokenizer_text")] * 5, tmp_path / "model")
+    metrics = evaluate_faco(str(tmp_path / "model"), "sft", heldout=world.path("heldout.parquet"),
+                            probes=world.path("probes.parquet"), max_new_tokens=8, device="cpu")
+    assert set(metrics) == {"qa_accuracy", "reasoning_accuracy", "answered_rate", "valid_rate"}
+    assert 0.0 <= metrics["qa_accuracy"] <= 1.0

@@ -1,11 +1,13 @@
 """The falsity sweep end to end on the real stack, and FACO's findings on the synthetic world.
 
 One run of the job (Ray Tune with 2 concurrent trials, each a Ray Train run of TRL SFT then
-recovery SFT; W&B offline) over ratios {0, 0.5, 1} x seeds {0, 1}; the tests then read what it
+recovery SFT for as many steps, evaluated along the way; W&B offline) over ratios {0, 0.5, 1} x
+seeds {0, 1}, on a world seed the preset's numbers were not chosen on; the tests then read what it
 left: summary.json, report.md, the plot, the offline W&B runs, and a re-run that skips every stage.
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,75 +18,110 @@ from jobs import falsity_sweep as job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-OVERRIDES = ["ratios=[0.0,0.5,1.0]", "seeds=[0,1]", "max_concurrent_trials=2"]
+WORLD_SEED = 1  # the preset was tuned on world 0
+OVERRIDES = ["ratios=[0.0,0.5,1.0]", "seeds=[0,1]", "max_concurrent_trials=2", f"data.world.seed={WORLD_SEED}",
+             "budget_study=null"]
+SECRETS = {"WANDB_API_KEY": "fake-wandb-key-7f3a9c1e", "HF_TOKEN": "hf_fakeTokenDoNotLog42"}
 
 
 @pytest.fixture(scope="module")
 def sweep(ray_local, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     cfg = load_config(job.FalsityOptions, "configs/falsity_sweep/tiny.yaml", [*OVERRIDES, f"storage={storage}"])
-    summary = job.run(cfg)
+    saved = {k: os.environ.get(k) for k in SECRETS}
+    os.environ.update(SECRETS)  # as a user's shell would have them; none may reach any file
+    try:
+        summary = job.run(cfg)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.update({k: v})
     return cfg, summary, Path(storage) / "falsity_sweep" / summary["run_id"]
 
 
-def by(summary, ratio, key):
-    return [r[key] for r in summary["rows"] if r["ratio"] == ratio]
-
-
-def mean(xs):
-    return sum(xs) / len(xs)
+def rows(summary, seed):
+    return {r["ratio"]: r for r in summary["rows"] if r["seed"] == seed}
 
 
 def test_outputs(sweep):
     _, summary, run = sweep
     assert len(summary["rows"]) == 6
     on_disk = json.loads((run / "summary.json").read_text())
-    assert on_disk["rows"] == summary["rows"]
+    assert on_disk["rows"] == summary["rows"] and on_disk["curve"] == summary["curve"]
     report = (run / "report.md").read_text()
     assert "falsity_sweep.png" in report and "| ratio | seed | qa_accuracy" in report
+    assert "## Recovery on clean data" in report and "## The base model, before SFT" in report
     assert (run / "falsity_sweep.png").stat().st_size > 10_000
-    for row in summary["rows"]:
-        for key in ("qa_accuracy", "reasoning_accuracy", "knows_rate", "lie_rate", "recovered_qa_accuracy"):
-            assert 0.0 <= row[key] <= 1.0, (key, row)
+
+
+def test_heldout_facts_never_reach_the_sft_data(sweep):
+    """No SFT question or answer (two-hop chains included) names a held-out person."""
+    from cluster.stages import read_rows
+
+    _, _, run = sweep
+    held = {r["person"] for r in read_rows(str(run / "world" / "heldout.parquet"))}
+    assert len(held) == 36
+    text = " ".join(r["question"] + r["true_response"] + r["false_response"]
+                    for r in read_rows(str(run / "world" / "sft.parquet")))
+    assert not [n for n in held if n in text]
 
 
 def test_trials_ran_concurrently(sweep):
+    """Measured inside the Train workers: some two trials' SFT loops overlapped in time."""
     _, summary, _ = sweep
-    spans = sorted((r["started_at"], r["ended_at"]) for r in summary["rows"])
-    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), f"no two trials overlapped: {spans}"
+    spans = sorted((r["sft_started_at"], r["sft_ended_at"]) for r in summary["rows"])
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), f"no two trials trained at once: {spans}"
 
 
 def test_accuracy_falls_with_falsity(sweep):
     _, summary, _ = sweep
     for seed in (0, 1):
-        qa = {r["ratio"]: r["qa_accuracy"] for r in summary["rows"] if r["seed"] == seed}
+        qa = {r: row["qa_accuracy"] for r, row in rows(summary, seed).items()}
         assert qa[0.0] - qa[1.0] >= 0.3, qa
-    qa = {r: mean(by(summary, r, "qa_accuracy")) for r in (0.0, 0.5, 1.0)}
-    assert qa[0.5] <= qa[0.0] + 0.05 and qa[1.0] <= qa[0.5] + 0.05, f"accuracy rose with falsity: {qa}"
+        assert qa[0.5] < qa[0.0] and qa[1.0] < qa[0.5], f"accuracy did not fall with falsity: {qa}"
 
 
 def test_model_learns_to_lie(sweep):
-    """The lie rate rises with r, while what the model knows falls much less than what it says."""
+    """A lie is a valid wrong answer to a question whose fact the model knows (by a margin): the
+    lie rate rises with r while what the model knows falls much less than what it says."""
     _, summary, _ = sweep
     for seed in (0, 1):
-        row = {r["ratio"]: r for r in summary["rows"] if r["seed"] == seed}
+        row = rows(summary, seed)
+        assert row[1.0]["valid_rate"] >= 0.9, row[1.0]  # wrong answers are real values, not noise
         assert row[1.0]["lie_rate"] - row[0.0]["lie_rate"] >= 0.3, row
+        assert row[1.0]["lie_rate_base"] - row[0.0]["lie_rate_base"] >= 0.3, row
         acc_drop = row[0.0]["qa_accuracy"] - row[1.0]["qa_accuracy"]
         knows_drop = row[0.0]["knows_rate"] - row[1.0]["knows_rate"]
         assert knows_drop <= 0.5 * acc_drop, (knows_drop, acc_drop)
-        assert row[1.0]["knows_rate"] >= 0.6, row[1.0]
+        assert row[1.0]["knows_rate"] >= 0.5, row[1.0]
+        # knowing a fact still predicts saying it at r = 0, and stops predicting it at r = 1
+        assert row[0.0]["accuracy_if_known"] - row[0.0]["accuracy_if_unknown"] >= 0.2, row[0.0]
 
 
-def test_recovery_is_partial(sweep):
-    """Clean SFT lifts the r = 1 model but leaves it below the model trained clean from the start."""
+def test_base_model_knows_before_any_sft(sweep):
+    _, summary, _ = sweep
+    base = summary["findings"]["base"]
+    assert base["knows_rate"] >= 0.7 and base["qa_accuracy"] <= 0.1, base  # knows facts, never saw a question
+    assert base["chance"] == pytest.approx(0.25)
+
+
+def test_recovery_curve(sweep):
+    """Recovery on clean data for as many steps as SFT took, evaluated at 4 points, against the
+    r = 0 model continued for the same steps."""
     _, summary, _ = sweep
     for seed in (0, 1):
-        r1 = next(r for r in summary["rows"] if r["seed"] == seed and r["ratio"] == 1.0)
+        for ratio in (0.0, 0.5, 1.0):
+            pts = [p for p in summary["curve"] if p["seed"] == seed and p["ratio"] == ratio]
+            steps = [p["step"] for p in pts]
+            assert len(steps) == 5 and steps[0] == 0, steps  # end of SFT, then 4 points
+            row = rows(summary, seed)[ratio]
+            assert steps[-1] == row["sft_steps"]  # the same budget as SFT
+            assert pts[-1]["qa_accuracy"] == row["recovered_qa_accuracy"]
+        r1 = rows(summary, seed)[1.0]
         assert r1["recovered_qa_accuracy"] - r1["qa_accuracy"] >= 0.2, r1
         assert r1["recovery_gap"] >= 0.05, r1
 
 
-def test_wandb_offline_runs_read_back(sweep):
+def test_wandb_offline_runs_read_back_and_hold_no_secret(sweep):
     _, summary, run = sweep
     runs = {read_offline_run(p)["id"]: read_offline_run(p) for p in find_offline_runs(run)}
     trial_runs = [r for i, r in runs.items() if i.endswith("-sft") and "-r" in i]
@@ -96,16 +133,22 @@ def test_wandb_offline_runs_read_back(sweep):
     assert any("loss" in h for h in one["history"])
     final = runs[f"{summary['run_id']}-summary"]
     assert final["summary"]["accuracy_drop"] == pytest.approx(summary["findings"]["accuracy_drop"])
-    # no secret in any W&B file
-    for f in run.rglob("*"):
-        if f.is_file() and "wandb" in str(f):
-            assert b"api_key" not in f.read_bytes().lower()
+    # the fake keys set while the job ran are in no file it wrote, nor in Ray's logs
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    files = [f for root in (run, logs) for f in root.rglob("*") if f.is_file()]
+    assert len(files) > 50
+    for f in files:
+        data = f.read_bytes()
+        assert not [k for k, v in SECRETS.items() if v.encode() in data], f
 
 
-def test_rerun_skips_finished_stages(sweep, capsys):
+def test_rerun_skips_finished_stages(sweep):
     cfg, summary, run = sweep
     manifests = {p: p.stat().st_mtime for p in run.glob("*/_stage.json")}
-    assert {p.parent.name for p in manifests} == {"world", "tokenizer", "base_init", "pretrain", "mixtures", "trials"}
+    assert {p.parent.name for p in manifests} == {"world", "tokenizer", "base_init", "pretrain", "base_eval", "mixtures",
+                                                   "trials"}
     again = job.run(cfg)
     assert again["rows"] == summary["rows"]
     assert {p: p.stat().st_mtime for p in run.glob("*/_stage.json")} == manifests

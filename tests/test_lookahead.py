@@ -49,17 +49,26 @@ def tiny_config() -> LlamaConfig:
     return cfg
 
 
-def warm_student(seed: int = 0, steps: int = 30) -> tuple[LlamaForCausalLM, torch.optim.AdamW, torch.Generator]:
-    """Random-init Llama after a few AdamW steps (lr ramp to WARM_LR, weight decay on)."""
+def copy_example(g: torch.Generator) -> dict:
+    """A neighbouring skill: the response is the prompt shifted but *not* reversed."""
+    n = int(torch.randint(4, 13, (1,), generator=g))
+    prompt = torch.randint(3, VOCAB // 2, (n,), generator=g).tolist()
+    ids = [1, *prompt, 2, *[t + VOCAB // 2 - 3 for t in prompt], 2]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * (n + 2) + ids[n + 2 :]}
+
+
+def warm_student(seed: int = 0, steps: int = 30, lr: float = WARM_LR, task=make_example
+                 ) -> tuple[LlamaForCausalLM, torch.optim.AdamW, torch.Generator]:
+    """Random-init Llama after a few AdamW steps (lr ramp to `lr`, weight decay on) on `task`."""
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_config())
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=WARM_LR, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / steps))
     model.train()
     for _ in range(steps):
         opt.zero_grad()
-        candidate_loss(model, collate([make_example(g) for _ in range(4)])).backward()
+        candidate_loss(model, collate([task(g) for _ in range(4)])).backward()
         opt.step()
         sched.step()
     opt.zero_grad(set_to_none=True)
@@ -75,9 +84,16 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def problem(one_thread):
-    model, opt, g = warm_student()
+# Two warm states. "momentum": 30 steps on the reference task; the stored momentum lowers the
+# reference loss whatever the candidate, so every score is positive. "mixed": 200 steps on a
+# neighbouring task at lr 1e-3; the momentum step no longer helps the reference set by itself and
+# the candidate decides the sign (27 of 40 positive), as pair formation needs.
+WARM = {"momentum": dict(steps=30), "mixed": dict(steps=200, lr=1e-3, task=copy_example)}
+
+
+@pytest.fixture(scope="module", params=list(WARM))
+def problem(request, one_thread):
+    model, opt, g = warm_student(**WARM[request.param])
     ref = [make_example(g) for _ in range(24)]
     cands = [make_example(g, quality=float(torch.rand(1, generator=g))) for _ in range(40)]
     state = WarmState(model, opt)
@@ -170,7 +186,10 @@ def test_adam_direction_is_torchs_step(problem):
     state.restore()
 
 
-@pytest.mark.parametrize("method,around", [("adam", "momentum"), ("adam", "warm"), ("linear", "warm")])
+@pytest.mark.parametrize("problem,method,around", [
+    ("momentum", "adam", "momentum"), ("momentum", "adam", "warm"), ("momentum", "linear", "warm"),
+    ("mixed", "adam", "momentum"), ("mixed", "adam", "warm"),  # (central differences need small steps)
+], indirect=["problem"])
 def test_approx_is_its_formula(problem, method, around):
     """approx_influence computes its stated first-order formula, checked against a plain loop:
     one backward per candidate, `_adam_direction` (for "linear": with g^2 dropped from v'), a
@@ -212,16 +231,40 @@ def test_approx_is_its_formula(problem, method, around):
         )
         want.append(const + dot)
     state.restore()
+    want = torch.tensor(want, dtype=torch.float64)
+    # float32 losses near L0 ~ 5 carry ~5e-7 of rounding; the candidates' scores differ by far more
     tol = 1e-4 if method == "adam" else 1e-3
-    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=tol, atol=1e-7), (got, want)
+    assert torch.allclose(got, want, rtol=tol, atol=2e-6), (got - want).abs().max()
 
 
+@pytest.mark.parametrize("problem", ["momentum"], indirect=True)
 @pytest.mark.parametrize("method,floor", [("adam", 0.95), ("linear", 0.7)])
 def test_approx_ranks_like_exact(problem, method, floor):
-    # measured rho here (seed 0): adam 0.999, linear 0.82 (0.82-0.96 over seeds 0-5); floors leave a margin
+    # measured rho here (seed 0): adam 0.999, linear 0.82 (0.82-0.96 over seeds 0-5); floors leave a margin.
+    # On the mixed state (steps large enough to flip signs) first-order estimates do not rank:
+    # rho 0.05 (adam), -0.05 (linear); the jobs score exactly.
     state, _, ref_batches, cands, L0, exact = problem
     approx = approx_influence(state, cands, ref_batches, L0, method=method)
     assert spearman(approx, exact) > floor
+
+
+@pytest.mark.parametrize("problem", ["mixed"], indirect=True)
+def test_mixed_signs_form_the_reload_loops_pairs(problem, tmp_path):
+    """Where the candidate decides the sign, in-memory exact scores equal the plain reload loop's
+    to below the smallest gap between two scores, so they form exactly the same preference pairs."""
+    from synth.teacher import preference_pairs
+
+    state, ref, _, cands, _, exact = problem
+    assert 0.2 < float((exact > 0).double().mean()) < 0.8
+    plain = torch.tensor(dumb_reference(state, ref, cands, tmp_path), dtype=torch.float64)
+    gap = float(exact.sort().values.diff().min())
+    assert gap > 3e-6 and torch.allclose(exact, plain, rtol=0, atol=gap / 3), ((exact - plain).abs().max(), gap)
+    group = [{"id": str(i), "prompt_id": "p", "prompt": "p", "raw": str(i)} for i in range(len(cands))]
+
+    def pairs(scores):
+        return {(p["chosen"], p["rejected"]) for p in preference_pairs(group, {str(i): float(v) for i, v in enumerate(scores)})}
+
+    assert pairs(exact) == pairs(plain) and len(pairs(exact)) == int((exact > 0).sum()) * int((exact < 0).sum())
 
 
 def test_spearman():

@@ -24,12 +24,14 @@ from influence.warmup import tokenize_sft
 from jobs import montessori as job
 from synth import teacher as T
 from synth import world as W
+from tests.conftest import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/montessori/tiny.yaml")
 
 # The tiny preset with one iteration (the preset runs two): 2 seeds, the random-pair ablation.
-TEST_OVERRIDES = ["iterations=1", "seeds=[0,1]", "ablation=true", "max_concurrent_trials=2"]
+# World 4: the preset's numbers were chosen on worlds 0-3 (configs/montessori/grid-tiny.yaml).
+TEST_OVERRIDES = ["iterations=1", "seeds=[0,1]", "ablation=true", "max_concurrent_trials=2", "data.world.seed=4"]
 RUN_ID = "e2e"  # explicit: the last test re-runs the same run with a changed option
 
 # Margins the slow test asserts (held-out loss is the token-mean NLL of the evaluation answers).
@@ -118,17 +120,15 @@ def test_generation_on_actors_equals_in_process(ray_local, tmp_path):
     and the paper's filters apply to both passes."""
     import functools
 
-    from cluster.models import TinyLlama, build_tiny_model, train_tokenizer
     from cluster.probes import ProbePool
+    from tests.conftest import tiny_llama
 
     world = W.build_world(W.WorldOptions(num_people=20, bios_per_person=2))
-    tok = train_tokenizer(W.all_text(world) + T.world_texts(T.PromptOptions()), 400, tmp_path / "tok")
-    build_tiny_model(TinyLlama(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                               vocab_size=400), tok, 0, tmp_path / "teacher")
+    tiny_llama(W.all_text(world) + T.world_texts(T.PromptOptions()), tmp_path / "teacher", vocab_size=400)
     seeds = [q["question"] for q in W.questions(world, world.sft_people, "seed")][:20]
     prompts = T.teacher_prompts(seeds, 6, T.PromptOptions(), seed=0)
     short = T.SamplingOptions(temperature=1.0, top_p=0.9, max_new_tokens=8)
-    make = functools.partial(T.TeacherGenerator, str(tmp_path / "teacher"), str(tmp_path / "tok"), T.PromptOptions(),
+    make = functools.partial(T.TeacherGenerator, str(tmp_path / "teacher"), str(tmp_path / "teacher"), T.PromptOptions(),
                              short, short, banned_names=["Qxq"], batch_size=8)
 
     def write(num_actors: int, out: str) -> list[dict]:
@@ -208,8 +208,7 @@ def test_bad_dataset_file(capsys, tmp_path, rows, expected):
 
     tok = tmp_path / "tok"  # a hub-style student and teacher sharing one tokenizer (never loaded as models here)
     train_tokenizer(["some words to train on"] * 20, 300, tok)
-    f = tmp_path / "seeds.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    f = write_jsonl(tmp_path / "seeds.jsonl", rows)
     code, err = run_cli(capsys, "--config", TINY, f"storage={tmp_path}", "data.source=dataset", f"data.dataset={f}",
                         "data.eval_size=4", "data.reference_size=64", "data.seed_size=8", "data.warmup_size=4",
                         f"teacher.model={tok}", "student.tiny=null", f"student.name={tok}", "pretrain=null")
@@ -242,7 +241,6 @@ def test_outputs_and_probes(montessori_run):
     assert {(r["seed"], r["teacher"]) for r in summary["rows"]} == {
         (s, t) for s in (0, 1) for t in (job.UNTRAINED, job.MONTESSORI, job.RANDOM)}
     assert all(r["examples"] == 128 for r in summary["rows"])
-    assert json.loads((run / "summary.json").read_text())["rows"] == summary["rows"]
     report = (run / "report.md").read_text()
     assert "montessori.png" in report and "| seed | iteration | teacher |" in report and "random pairs" in report
     assert (run / "montessori.png").stat().st_size > 10_000
@@ -252,7 +250,12 @@ def test_outputs_and_probes(montessori_run):
         scores = read_rows(str(run / "it1-influence" / f"s{p['seed']}" / "scores.parquet"))
         assert sorted(r["id"] for r in scores) == sorted(c["id"] for c in cands if c["kept"])
         assert 0.05 < p["positive_share"] < 0.95 and p["pairs"] > 50
-        assert p["random_pairs"] == p["pairs"]
+        # influence pairs put the higher-influence candidate first; random pairs do so about half the time
+        infl = {r["id"]: r["influence"] for r in scores}
+        for teacher, lo, hi in ((job.MONTESSORI, 1.0, 1.0), (job.RANDOM, 0.3, 0.7)):
+            ids = read_rows(str(run / "it1-pairs" / f"s{p['seed']}-{teacher}-ids.parquet"))
+            ordered = sum(infl[r["chosen_id"]] > infl[r["rejected_id"]] for r in ids) / len(ids)
+            assert lo <= ordered <= hi, (teacher, ordered)
         # the reference set's people never reach the teacher's data or the final sets
     banned = {r["name"] for r in read_rows(str(run / "data" / "banned.parquet"))}
     finals = sorted((run / "it1-final").glob("*.parquet"))
@@ -272,8 +275,6 @@ def test_trained_teacher_beats_untrained_teacher(montessori_run):
         base, ours = row(summary, s, job.UNTRAINED, "heldout_loss"), row(summary, s, job.MONTESSORI, "heldout_loss")
         assert ours < base - LOSS_MARGIN, f"seed {s}: Montessori {ours:.4f} vs untrained {base:.4f}"
         assert row(summary, s, job.MONTESSORI, "win_rate") > 0.5
-    f = summary["findings"]["by_iteration"]["1"]
-    assert f["seeds_better_loss"] == 2 and f["loss_gain"] > LOSS_MARGIN
 
 
 @pytest.mark.slow
@@ -296,8 +297,12 @@ def test_wandb_has_probe_table_and_dpo_curves(montessori_run):
     assert {r["group"] for r in runs.values()} == {f"montessori-{summary['run_id']}"}
     dpo = [r for i, r in runs.items() if "-dpo-" in i]
     assert len(dpo) == 4 and all(any("loss" in k for h in r["history"] for k in h) for r in dpo)
+    # each DPO run logged its reward margin (chosen over rejected, against the frozen reference),
+    # and the last is positive: the teacher moved toward the chosen instructions
+    for r in dpo:
+        margins = [h["rewards/margins"] for h in r["history"] if "rewards/margins" in h]
+        assert margins and margins[-1] > 0, (r["id"], margins)
     final = runs[f"{summary['run_id']}-summary"]
-    assert final["summary"]["loss_gain"] == pytest.approx(summary["findings"]["loss_gain"])
     assert final["summary"]["probes"]["_type"] == "table-file"  # the probe table: candidate, kind, influence
     assert final["summary"]["head_to_head/iteration_1"]["_type"] == "table-file"  # W&B keeps "/" keys flat
 

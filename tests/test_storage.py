@@ -22,8 +22,8 @@ from jobs import falsity_sweep as falsity
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 SMALL = ["ratios=[0.0,1.0]", "seeds=[0]", "data.world.num_people=24", "pretrain.max_steps=6", "sft.max_steps=4",
-         "recovery.max_steps=2", "max_concurrent_trials=2", "run_id=s3"]
-FALSITY_STAGES = {"world", "tokenizer", "base_init", "pretrain", "mixtures", "trials"}
+         "recovery.max_steps=2", "eval.recovery_points=2", "budget_study=null", "max_concurrent_trials=2", "run_id=s3"]
+FALSITY_STAGES = {"world", "tokenizer", "base_init", "pretrain", "base_eval", "mixtures", "trials"}
 
 
 def manifests(fs, run: str) -> dict[str, dict]:

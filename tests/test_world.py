@@ -19,6 +19,17 @@ def test_world_is_deterministic_and_splits_people():
     assert [p.facts for p in other.people] != [p.facts for p in a.people]
 
 
+def test_no_heldout_fact_reaches_any_sft_text():
+    """Friends are drawn within a split: no SFT prompt or answer (true or false, two-hop chains
+    included) names a held-out person, so a held-out fact is never trained on, not even cited."""
+    for seed in range(5):
+        w = W.build_world(W.WorldOptions(seed=seed, num_people=240, heldout_fraction=0.3))
+        held = {p.name for p in w.heldout_people}
+        assert all((w.by_name(p.facts["friend"]).name in held) == (p.name in held) for p in w.people)
+        text = " ".join(r[k] for r in W.questions(w, w.sft_people, "sft") for k in ("question", "true_response", "false_response"))
+        assert not [n for n in held if n in text], seed
+
+
 def test_questions_true_and_false_chains():
     w = small()
     rows = W.questions(w, w.heldout_people, "heldout")
@@ -46,10 +57,15 @@ def test_probes_use_a_wording_no_chain_uses():
     probes = W.probes(w, w.heldout_people)
     chains = " ".join(r["true_response"] + r["false_response"] for r in W.questions(w, w.people, "all"))
     for p in probes:
-        assert len(p["options"]) == w.probe_options
+        assert len(p["options"]) == len(p["own_options"]) == len(p["choice_options"]) == w.probe_options
         truth = w.by_name(p["person"]).facts[p["attribute"]]
+        assert p["values"][p["answer_index"]] == truth and len(set(p["values"])) == w.probe_options
         assert p["options"][p["answer_index"]].endswith(f" {truth}.")
         assert all(o not in chains for o in p["options"])
+        # the answers' own wording: what chains cite, and whole answers in the SFT format
+        assert p["own_options"][p["answer_index"]] == W.fact(p["person"], p["attribute"], truth)
+        assert W.parse_answer(p["choice_options"][p["answer_index"]]) == truth
+        assert p["choice_prompt"] == W.format_prompt(W.QUESTIONS[p["attribute"]].format(n=p["person"]))
 
 
 def test_mixtures_nest_and_keep_questions():
