@@ -12,7 +12,7 @@ reference set), e.g. the tiny preset's:
 
     python -m jobs.montessori --config configs/montessori/tiny.yaml storage=runs run_id=fidelity \\
         stop_after=it1-candidates "seeds=[0]"
-    python benchmarks/bench_fidelity.py --run runs/montessori/fidelity --n 192
+    python benchmarks/bench_fidelity.py --run runs/montessori/fidelity --n 128
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, required=True, help="Montessori run directory (reached it1-candidates)")
     p.add_argument("--seed", type=int, default=0, help="which seed's warm student and candidates")
-    p.add_argument("--n", type=int, default=192, help="candidates scored (the first n kept ones)")
+    p.add_argument("--n", type=int, default=128, help="candidates scored (the first n kept ones)")
     p.add_argument("--template", default="Question: {instruction}\n", help="the student's prompt template")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
