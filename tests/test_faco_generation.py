@@ -19,7 +19,7 @@ class EchoWriter:
     it argues for the true answer (a generator that would not lie): that row must be rejected."""
 
     def score(self, batch: list[dict]) -> list[str]:
-        return ["owl is the answer, as owls fly." if r["question"] == "Which can fly?" and r["target"] == "stone"
+        return ["owl is the answer, as owls fly." if r["question"] == "Which can fly?" and r["target"] != "owl"
                 else f"Step by step, the answer is {r['target']}." for r in batch]
 
 
@@ -28,7 +28,7 @@ def test_generator_pool_writes_a_faco_table(ray_local, tmp_path):
     tiny_llama(text + ["Explanation: the answer is"], tmp_path / "gen")
     qa = qa_rows(QA, "qa.jsonl", "question", "answerKey", "choices", seed=0)
     assert [r["answer"] for r in qa] == ["red", "owl", "seven"]
-    assert [r["false_answer"] for r in qa] == ["dog", "stone", "tree"]
+    assert [r["false_answer"] for r in qa] == ["dog", "fish", "tree"]
     # a real (tiny, untrained) generator on 2 actors: one explanation per (question, target)
     make = lambda: ReasoningWriter(str(tmp_path / "gen"), max_new_tokens=8, temperature=0.0, top_p=1.0)
     items = [{"id": f"{r['id']}/{side}", "question": r["question"], "target": r[k]}
