@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from benchmarks.bench_probes import write_results  # noqa: E402
 from cluster.models import load_tokenizer  # noqa: E402
 from cluster.stages import read_rows  # noqa: E402
-from influence.lookahead import batched, load_warm, probe_step, reference_loss, spearman  # noqa: E402
+from influence.lookahead import batched, exact_influence, load_warm, reference_loss, spearman  # noqa: E402
 from influence.warmup import tokenize_sft  # noqa: E402
 from synth.teacher import preference_pairs  # noqa: E402
 
@@ -44,16 +44,8 @@ VARIANTS = [  # (name, loss divisor, per-batch-mean reference loss)
 
 def scores(warm: str, ref_batches, items, divisor: float, per_batch: bool) -> list[float]:
     state = load_warm(warm, loss_divisor=divisor)
-    state.model.eval()
-    L0 = reference_loss(state.model, ref_batches, per_batch=per_batch)
-    out = []
-    for ex in items:
-        state.restore()
-        probe_step(state, ex)
-        state.model.eval()
-        out.append(L0 - reference_loss(state.model, ref_batches, per_batch=per_batch))
-    state.restore()
-    return out
+    L0 = reference_loss(state.model.eval(), ref_batches, per_batch=per_batch)
+    return [exact_influence(state, ex, ref_batches, L0, per_batch) for ex in items]
 
 
 def main() -> None:

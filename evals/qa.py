@@ -136,34 +136,29 @@ def score_world(model, tokenizer, heldout_questions: list[dict], heldout_probes:
     return out, facts
 
 
-def faco_facts(model: str, *, heldout: str, probes: str, max_new_tokens: int, device: str,
-               knows_margin: float) -> tuple[dict[str, float], list[dict]]:
-    """The metrics and per-fact table of one model (a storage URI, local dir or hub id): the base
-    model's, before any SFT."""
+def faco_facts(model: str, *, heldout: str, probes: str, max_new_tokens: int, device: str, knows_margin: float,
+               base_facts: str | None = None) -> tuple[dict[str, float], list[dict]]:
+    """The metrics and per-fact table of one model (a storage URI, local dir or hub id) on the
+    held-out tables (URIs); `base_facts`: the base model's per-fact table, to count lies against.
+    Nothing to score without held-out questions."""
     from cluster.models import load_model, load_tokenizer
     from cluster.stages import fetch, read_rows
 
+    questions = read_rows(heldout)
+    if not questions:
+        return {}, []
     local = fetch(model)
     net = load_model(local).to(device)
-    return score_world(net, load_tokenizer(local), read_rows(heldout), read_rows(probes), max_new_tokens, knows_margin)
+    return score_world(net, load_tokenizer(local), questions, read_rows(probes), max_new_tokens, knows_margin,
+                       read_rows(base_facts) if base_facts else None)
 
 
 def evaluate_faco(model_dir: str, phase: str, *, heldout: str, probes: str, max_new_tokens: int, device: str,
                   knows_margin: float = 1.0, base_facts: str | None = None, harness=None) -> dict[str, float]:
-    """A falsity-sweep trial's evaluation after a phase (on rank 0): exact metrics on the held-out
-    questions and probes (tables on storage, by URI; `base_facts`: the base model's per-fact
-    table), and the lm-eval harness if configured."""
-    from cluster.models import load_model, load_tokenizer
-    from cluster.stages import read_rows
-
-    out: dict[str, float] = {}
-    questions = read_rows(heldout)
-    if questions:
-        model = load_model(model_dir).to(device)
-        metrics, _ = score_world(model, load_tokenizer(model_dir), questions, read_rows(probes), max_new_tokens,
-                                 knows_margin, read_rows(base_facts) if base_facts else None)
-        out.update(metrics)
-        del model
+    """A falsity-sweep trial's evaluation after a phase (on rank 0): `faco_facts`' metrics, and
+    the lm-eval harness if configured."""
+    out, _ = faco_facts(model_dir, heldout=heldout, probes=probes, max_new_tokens=max_new_tokens, device=device,
+                        knows_margin=knows_margin, base_facts=base_facts)
     if harness is not None:
         from evals.harness import evaluate_with_harness
 

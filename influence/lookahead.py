@@ -13,7 +13,7 @@ Reference loss (one definition, used everywhere): token-weighted mean next-token
 response tokens of the reference set, sum(nll) / count(tokens with label != -100). It does not
 depend on how the set is batched.
 
-Where this differs from the official code (`benchmarks/bench_probes.py` measures both):
+Where this differs from the official code (`benchmarks/bench_fidelity.py` measures both):
 - Gradient scale. The official probe runs on 8 GPUs and each process backpropagates
   loss / num_processes, so the applied AdamW step uses g/8. `WarmState.loss_divisor` (the
   Montessori option `probes.loss_divisor`, default 8 = the paper's setup) does the same; 1 steps
@@ -108,10 +108,10 @@ def reference_loss(model: nn.Module, ref_batches: Sequence[Batch], per_batch: bo
     for b in ref_batches:
         b = to_device(b, model)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        nll = float(token_nll(logits, b["labels"]).double().sum())
+        nll, n = float(token_nll(logits, b["labels"]).double().sum()), n_tokens(b)
         total += nll
-        count += n_tokens(b)
-        means.append(nll / max(n_tokens(b), 1))
+        count += n
+        means.append(nll / max(n, 1))
     return sum(means) / len(means) if per_batch else total / count
 
 
@@ -204,13 +204,15 @@ def probe_step(state: WarmState, candidate: Example | Batch) -> None:
     state.optimizer.zero_grad(set_to_none=True)
 
 
-def exact_influence(state: WarmState, candidate: Example | Batch, ref_batches: Sequence[Batch], L0: float) -> float:
-    """I(z) = L0 - L_ref(after one AdamW step on z); the warm state is restored before and after."""
+def exact_influence(state: WarmState, candidate: Example | Batch, ref_batches: Sequence[Batch], L0: float,
+                    per_batch: bool = False) -> float:
+    """I(z) = L0 - L_ref(after one AdamW step on z); the warm state is restored before and after.
+    `per_batch`: the official reference loss (see `reference_loss`), for comparison only."""
     state.restore()
     try:
         probe_step(state, candidate)
         state.model.eval()
-        return L0 - reference_loss(state.model, ref_batches)
+        return L0 - reference_loss(state.model, ref_batches, per_batch)
     finally:
         state.restore()
 
