@@ -3,8 +3,9 @@
     python -m jobs.<name> --config configs/<name>/<preset>.yaml [key.sub=value ...] [--dry-run]
 
 `--help` lists every option with its type and default; `--dry-run` prints the plan and starts
-nothing. A `UserError` anywhere (bad preset, bad data file) ends the process with one line on
-stderr and exit code 2, never a traceback.
+nothing. A `UserError` anywhere (bad preset, bad data file, a secrets file others can read) ends
+the process with one line on stderr and exit code 2, never a traceback. Before the job runs, its
+keys are read from the node's secrets file (`cluster.secrets`); only their names are printed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from typing import Callable
 
 from cluster.config import Options, UserError, describe_options, load_config
+from cluster.secrets import load_secrets, secrets_path
 
 
 def main(
@@ -39,6 +41,8 @@ def main(
         if args.dry_run:
             print(plan(cfg))
             return 0
+        if names := load_secrets():  # keys never travel in Ray's runtime env: see cluster.secrets
+            print(f"[secrets] {', '.join(names)} from {secrets_path()}", flush=True)
         run(cfg)
         return 0
     except UserError as err:

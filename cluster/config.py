@@ -85,7 +85,7 @@ def _describe(err: ValidationError, source: str) -> str:
         got = repr(first["input"])
         msg = f"{msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
     msg = msg.removeprefix("Value error, ")
-    return f"{source}: {loc}: {msg}"
+    return f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"  # a whole-preset check names its keys itself
 
 
 def load_config(schema: type[Options], path: str | Path, overrides: list[str] = ()) -> Options:

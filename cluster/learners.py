@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -57,9 +58,10 @@ class LearnerOptions(Options):
     max_length: int = Field(128, gt=0, description="tokens per example (longer ones are truncated)")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "warmup_stable_decay"] = Field(
         "constant_with_warmup", description="learning-rate schedule (transformers names)")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (at most half the phase, with WSD's decay)")
+    decay_steps: float = Field(0.1, gt=0, description="warmup_stable_decay only: steps of the final decay (< 1: a share of the phase)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
-    save_steps: int = Field(50, gt=0, description="checkpoint (reported to Ray) every this many steps")
+    save_steps: float = Field(50, gt=0, description="checkpoint (reported to Ray) every this many steps (< 1: a share of the phase); at least once per phase")
     logging_steps: int = Field(10, gt=0, description="log loss every this many steps")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory (GPU presets)")
 
@@ -80,6 +82,10 @@ class ScaleOptions(Options):
     bf16: bool = Field(False, description="bf16 mixed precision (GPU presets)")
     offload: bool = Field(False, description="ZeRO-Offload optimizer (and stage-3 params) to CPU")
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint before giving up")
+    placement: Literal["PACK", "STRICT_PACK", "SPREAD"] = Field(
+        "PACK", description="where a run's workers go: STRICT_PACK keeps them on one node (NVLink, no cross-node ZeRO traffic)")
+    start_timeout_s: float = Field(120, gt=0, description="how long the worker group may wait for its resources (an autoscaler adding a node)")
+    start_retries: int = Field(0, ge=0, description="worker-group starts that may time out (a node being replaced) before the run fails")
 
     @model_validator(mode="after")
     def _offload_needs_zero(self):
@@ -244,6 +250,67 @@ class FitResult:
     model: str  # storage URI of the last phase's model
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """A phase's optimizer steps as the HF Trainer will count them, and its schedule's parts."""
+
+    steps: int
+    warmup: int
+    decay: int  # warmup_stable_decay's final decay; 0 for other schedules
+    saves: int  # checkpoints written within the phase
+
+
+def schedule(opts: LearnerOptions, rows: int, world_size: int) -> Schedule:
+    """Steps of a phase over `rows` examples on `world_size` workers: accelerate shards the
+    ceil(rows / batch) batches evenly over the ranks; an optimizer step takes `grad_accum` of
+    them (a short last one counts); epochs may be fractional (the Trainer rounds up)."""
+    if opts.max_steps > 0:
+        steps = opts.max_steps
+    else:
+        batches = math.ceil(math.ceil(rows / opts.batch_size) / world_size)
+        steps = math.ceil(opts.epochs * max(math.ceil(batches / opts.grad_accum), 1))
+    decay = 0
+    if opts.lr_scheduler == "warmup_stable_decay":
+        decay = math.ceil(opts.decay_steps * steps) if opts.decay_steps < 1 else int(opts.decay_steps)
+    every = math.ceil(opts.save_steps * steps) if opts.save_steps < 1 else int(opts.save_steps)  # as HF reads it
+    return Schedule(steps, opts.warmup_steps, decay, steps // every)
+
+
+def check_schedule(name: str, opts: LearnerOptions, rows: int, world_size: int) -> Schedule:
+    """The phase's schedule, or a UserError (exit 2, before anything trains) when the schedule
+    cannot work on this much data: warm-up (and WSD's decay) taking more than half the phase (the
+    peak learning rate reached late or never), no checkpoint inside the phase (a failure restarts
+    it from scratch)."""
+    if rows == 0:
+        raise UserError(f"phase {name}: its table is empty")
+    s = schedule(opts, rows, world_size)
+    size = (f"{s.steps} steps = {rows} rows / ({world_size} workers x batch {opts.batch_size}) / grad_accum "
+            f"{opts.grad_accum} x {opts.epochs:g} epochs" if opts.max_steps <= 0 else f"max_steps {s.steps}")
+    if opts.lr_scheduler != "constant" and 2 * (s.warmup + s.decay) > s.steps:
+        what = f"warm-up {s.warmup}" + (f" + decay {s.decay}" if s.decay else "")
+        raise UserError(f"phase {name}: {what} steps is more than half the phase ({size}): the learning rate "
+                        "barely reaches its peak; lower warmup_steps or train longer")
+    if s.saves == 0:
+        raise UserError(f"phase {name}: save_steps {opts.save_steps:g} > the phase's {size}: no checkpoint within "
+                        "the phase; lower save_steps (a value below 1 is a share of the phase)")
+    return s
+
+
+def num_rows(uri: str) -> int:
+    """Rows of a Parquet table on storage (from its footer: nothing else is read)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def check_schedules(run: LearnerRun) -> list[Schedule]:
+    """`check_schedule` for every phase of a run, on its real tables (the driver calls this before
+    any worker starts)."""
+    return [check_schedule(p.name, p.options, num_rows(p.data), run.scale.num_workers) for p in run.phases]
+
+
 def deepspeed_config(scale: ScaleOptions) -> dict | None:
     """DeepSpeed config for HF/TRL trainers; None without DeepSpeed.
 
@@ -287,9 +354,10 @@ def _prepare_process(scale: ScaleOptions) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if scale.use_gpu else "gloo")
 
 
-def _common_arguments(run: LearnerRun, phase: Phase, out_dir: str) -> dict:
+def _common_arguments(run: LearnerRun, phase: Phase, out_dir: str, sched: Schedule) -> dict:
     o, s = phase.options, run.scale
     return dict(
+        lr_scheduler_kwargs={"num_decay_steps": sched.decay} if o.lr_scheduler == "warmup_stable_decay" else {},
         output_dir=out_dir,
         per_device_train_batch_size=o.batch_size,
         gradient_accumulation_steps=o.grad_accum,
@@ -309,7 +377,7 @@ def _common_arguments(run: LearnerRun, phase: Phase, out_dir: str) -> dict:
         seed=run.seed,
         data_seed=run.seed,
         deepspeed=deepspeed_config(s),
-        gradient_checkpointing=o.gradient_checkpointing,
+        activation_checkpointing=o.gradient_checkpointing,
         disable_tqdm=True,
         dataloader_num_workers=0,
         max_length=o.max_length,
@@ -384,10 +452,27 @@ class _Curve(TrainerCallback):
         out = self.work / f"{self.phase.name}-step{step}"
         self.trainer.save_model(str(out))
         if self.rank == 0:
-            for k, v in self.run.evaluate(str(out), self.phase.name).items():
-                self.metrics[f"{self.phase.name}@{step}/{k}"] = float(v)
+            with _outside_zero3():  # rank 0 loads a whole model alone: ZeRO-3 would partition it
+                for k, v in self.run.evaluate(str(out), self.phase.name).items():
+                    self.metrics[f"{self.phase.name}@{step}/{k}"] = float(v)
             print(f"[{self.run.name}:{self.phase.name}] evaluated at step {step}", flush=True)
             shutil.rmtree(out, ignore_errors=True)
+
+
+@contextmanager
+def _outside_zero3():
+    """Suspend transformers' ZeRO-3 context in this process: `from_pretrained` inside it runs
+    `zero.Init`, whose collectives the other ranks never join (a hang)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_ds.set_hf_deepspeed_config(config)
 
 
 def _resume_point(ckpt) -> tuple[dict, str | None]:
@@ -441,6 +526,18 @@ def train_worker(config: dict) -> None:
     tokenizer = load_tokenizer(fetch(run.tokenizer), run.trust_remote_code)
     load = lambda ref: load_model(fetch(ref), trust_remote_code=run.trust_remote_code)  # noqa: E731
     work = Path(tempfile.gettempdir(), "datalab-train", run.name)  # shared by the node's ranks (on_save)
+    # One W&B run per learner run, every phase in it (a trial is one row in W&B's tables); a
+    # restarted worker group resumes the same run. Phases share one step axis: phase i's steps
+    # come after the earlier phases' steps.
+    tracker = None
+    if run.tracking is not None and first < len(run.phases):  # a restart after the last phase logs nothing
+        tracker = start_run(run.tracking, run_id=run.name, name=run.name, group=run.tracking_group,
+                            job_type="+".join(p.name for p in run.phases),
+                            config={**run.tracking_config, "objectives": {p.name: p.objective for p in run.phases},
+                                    "phases": {p.name: p.options.model_dump() for p in run.phases},
+                                    "scale": run.scale.model_dump(), "deepspeed": deepspeed_config(run.scale),
+                                    "model": run.model, "seed": run.seed},
+                            dir=run.tracking.dir, resume=True)
 
     for i, phase in enumerate(run.phases):
         if i < first:
@@ -453,20 +550,18 @@ def train_worker(config: dict) -> None:
             print(f"[{run.name}:{phase.name}] rank {rank} resuming from {hf_resume}", flush=True)
         # read now: on local storage hf_resume is Ray's own folder, rotated away as new saves arrive
         resumed_step = _step_of(hf_resume)
-        tracker = None
-        if run.tracking is not None:
-            tracker = start_run(run.tracking, run_id=f"{run.name}-{phase.name}", name=f"{run.name}/{phase.name}",
-                                group=run.tracking_group, job_type=phase.name,
-                                config={**run.tracking_config, "phase": phase.name, "objective": phase.objective,
-                                        **phase.options.model_dump()},
-                                dir=run.tracking.dir)
+        offset = int(sum(metrics.get(f"{p.name}/steps", 0) for p in run.phases[:i]))
         progress = _Progress(run.name, i, phase.name, rank, dict(metrics))
         curve = _Curve(run, phase, rank, work, progress.metrics)
         model_dir = fetch(model_ref)
-        inputs = TrainerInputs(model=load(model_dir), model_dir=model_dir,
-                               args=obj.arguments(_common_arguments(run, phase, str(work / phase.name)), phase.options),
-                               data=_table(phase.data), tokenizer=tokenizer,
-                               callbacks=[progress, curve, WandbTrainerCallback(tracker)], phase=phase, load_model=load)
+        data = _table(phase.data)
+        sched = schedule(phase.options, len(data), ctx.get_world_size())
+        args = obj.arguments(_common_arguments(run, phase, str(work / phase.name), sched), phase.options)
+        if tracker is not None:  # what the trainer really ran with, DeepSpeed's config included
+            tracker.config.update({f"{phase.name}_training_args": args.to_dict()}, allow_val_change=True)
+        inputs = TrainerInputs(model=load(model_dir), model_dir=model_dir, args=args, data=data, tokenizer=tokenizer,
+                               callbacks=[progress, curve, WandbTrainerCallback(tracker, offset=offset, phase=i)],
+                               phase=phase, load_model=load)
         trainer = curve.trainer = obj.trainer(inputs)
         from transformers import PrinterCallback
 
@@ -504,8 +599,8 @@ def train_worker(config: dict) -> None:
             if not math.isnan(steady := progress.steady_tokens_per_s()):
                 metrics[f"{phase.name}/steady_tokens_per_s"] = steady
             if tracker is not None:
-                tracker.log({k: v for k, v in metrics.items() if k.startswith((phase.name + "/", phase.name + "@"))})
-        finish_run(tracker)
+                tracker.log({k: v for k, v in metrics.items() if k.startswith((phase.name + "/", phase.name + "@"))},
+                            step=offset + steps)
         # ray.train.report is a barrier: no rank starts the next phase before the model is stored
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
@@ -518,6 +613,7 @@ def train_worker(config: dict) -> None:
         # (every rank reports: ray.train.report is a barrier).
         ray.train.report({**metrics, "phase": len(run.phases) - 1, "phase_done": True},
                          checkpoint=ray.train.get_checkpoint() if rank == 0 else None)
+    finish_run(tracker)
     shutil.rmtree(work, ignore_errors=True)  # local HF saves; storage keeps the reported ones
 
 
@@ -535,6 +631,8 @@ def fit(run: LearnerRun, storage_path: str, *, in_tune: bool = False) -> FitResu
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # read by the Train controller, which inherits RAY_TRAIN_* variables from this process
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(run.scale.start_timeout_s)
     callbacks = []
     if in_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -548,11 +646,15 @@ def fit(run: LearnerRun, storage_path: str, *, in_tune: bool = False) -> FitResu
             num_workers=run.scale.num_workers,
             use_gpu=run.scale.use_gpu,
             resources_per_worker={"CPU": run.scale.cpus_per_worker, **({"GPU": 1} if run.scale.use_gpu else {})},
+            placement_strategy=run.scale.placement,
         ),
         run_config=ray.train.RunConfig(
             name=run.name,
             storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=run.scale.max_failures, controller_failure_limit=0),
+            # Train V2 retries forever unless told: worker failures up to max_failures, worker-group
+            # starts that time out (resources not there yet) up to start_retries
+            failure_config=ray.train.FailureConfig(max_failures=run.scale.max_failures,
+                                                   controller_failure_limit=run.scale.start_retries),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),

@@ -5,6 +5,11 @@ more *logical* CPUs than cores: a Tune trial's driver holds a CPU while its Trai
 others, and with logical CPUs == cores concurrent trials deadlock (docs/STACK.md). Under
 `ray job submit` (RAY_ADDRESS set) or with `ray.address` in the preset, the job joins that cluster.
 Where results go is `cluster.stages`' business.
+
+No key ever goes into the runtime env: Ray writes a job's runtime env (env vars included) to
+`runtime_env_agent.log` on every node and serves it from the job API and the dashboard. Workers
+read their node's secrets file instead (`cluster.secrets`): the runtime env names
+`cluster.secrets.ensure_secrets` as every worker process's setup hook (a function path, no value).
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_VERBOSITY": "error",
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",
     "WANDB_SILENT": "true",
     # Train V2 reroutes print() to a logger: lines then show twice, and libraries that capture
     # stdout to parse it (dill, inside datasets' fingerprinting) print bytecode listings instead.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
+
+
+# Run in every worker process of the job as it starts: loads its node's secrets file, if any.
+SECRETS_HOOK = "cluster.secrets.ensure_secrets"
 
 
 class RayOptions(Options):
@@ -48,13 +56,21 @@ def init_ray(opts: RayOptions) -> None:
     env = dict(WORKER_ENV)
     if opts.offline_hub:
         env["HF_HUB_OFFLINE"] = "1"
+    from cluster.tracking import code_version
+
+    if commit := code_version():  # workers may run a copy of the code without .git
+        env["DATALAB_COMMIT"] = commit
+    # A fixed list of settings, never a copy of the environment: keys stay out of the runtime env.
     for k in ("DS_ACCELERATOR", "DATALAB_STORAGE", "DATALAB_CACHE"):
         if os.environ.get(k):
             env[k] = os.environ[k]
     for k, v in env.items():
         os.environ.setdefault(k, v)
+    from cluster.tracking import is_secret_name
+
+    env = {k: v for k, v in env.items() if not is_secret_name(k)}  # a guard, should the list grow
     address = opts.address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": env}
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": SECRETS_HOOK}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
@@ -73,7 +89,7 @@ def init_ray(opts: RayOptions) -> None:
         include_dashboard=True,  # Train's placement-group cleaner queries the state API it serves
         dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": env},
+        runtime_env=runtime_env,
         _temp_dir=os.environ.get("DATALAB_RAY_TMP"),
         log_to_driver=True,
     )

@@ -8,8 +8,10 @@ the model URI and the trial's timing.
 
 Ray 2.60 runs Train V2, which rejects `Tuner(trainer)`: a trial is a function that builds and fits
 a `TorchTrainer` (`cluster.learners.fit(..., in_tune=True)`). The trial's driver holds a small CPU
-share; its workers hold the learner's resources. `max_concurrent_trials` is derived from what one
-trial needs and what the cluster has, so trials never wait on each other's workers. A sweep whose
+share; its workers hold the learner's resources. On CPU, `max_concurrent_trials` is derived from
+what one trial needs and what the cluster has, so trials never wait on each other's workers; GPU
+trials are all handed to Tune, which queues them while the autoscaler adds nodes. Every run's schedule is
+checked against its tables first (`check_schedules`). A sweep whose
 driver died is restored from its experiment directory (`Tuner.restore`): finished trials are
 kept, unfinished ones rerun (their Train runs resume from their own checkpoints).
 """
@@ -21,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from cluster.learners import FitResult, LearnerRun, fit
+from cluster.learners import FitResult, LearnerRun, check_schedules, fit
 from cluster.stages import Artifact, Stage
 
 TRIAL_DRIVER_CPU = 0.25
@@ -38,15 +40,20 @@ class Trained:
     trial_id: str | None = None
 
 
-def max_concurrent(cluster: dict[str, float], num_workers: int, cpus_per_worker: float, use_gpu: bool,
-                   limit: int | None = None) -> int:
-    """How many trials fit side by side: by GPUs when trials use them, else by CPUs."""
+def max_concurrent(cluster: dict[str, float], num_trials: int, num_workers: int, cpus_per_worker: float,
+                   use_gpu: bool, limit: int | None = None) -> int:
+    """How many trials may run side by side.
+
+    GPU trials: all of them (or `limit`): Tune queues them, a trial's workers wait for their GPUs
+    and an autoscaling cluster grows for them. Counting the GPUs the cluster has when the sweep
+    starts would be 0 on a cluster whose GPU nodes scale from zero: one trial at a time forever.
+    CPU trials: as many as the cluster's CPUs hold (their drivers hold CPUs too: more would
+    deadlock, each driver waiting on workers that cannot be placed)."""
     if use_gpu:
-        fit_ = math.floor(cluster.get("GPU", 0) / num_workers)
+        n = num_trials
     else:
-        fit_ = math.floor(cluster.get("CPU", 0) / (num_workers * cpus_per_worker + TRIAL_DRIVER_CPU))
-    fit_ = max(fit_, 1)
-    return min(fit_, limit) if limit else fit_
+        n = max(math.floor(cluster.get("CPU", 0) / (num_workers * cpus_per_worker + TRIAL_DRIVER_CPU)), 1)
+    return min(n, limit) if limit else n
 
 
 def train_stage(stage: Stage, runs: dict[str, LearnerRun], *, max_concurrent_trials: int | None = None,
@@ -55,6 +62,8 @@ def train_stage(stage: Stage, runs: dict[str, LearnerRun], *, max_concurrent_tri
 
     One run trains in the driver process (no Tune); several, or `grid=True`, as a Tune grid."""
     def build(st: Stage) -> dict:
+        for run in runs.values():  # a schedule that cannot work on this data stops here, before any worker starts
+            check_schedules(run)
         named = {k: dataclasses.replace(r, name=f"{st.run.run_id}-{st.name}-{k}-{st.hash}", output=st.path(k))
                  for k, r in runs.items()}
         if len(named) == 1 and not grid:
@@ -91,7 +100,7 @@ def _grid(stage: Stage, runs: dict[str, LearnerRun], limit: int | None) -> dict:
     import ray.tune as tune
 
     first = next(iter(runs.values())).scale
-    n = max_concurrent(ray.cluster_resources(), first.num_workers, first.cpus_per_worker, first.use_gpu, limit)
+    n = max_concurrent(ray.cluster_resources(), len(runs), first.num_workers, first.cpus_per_worker, first.use_gpu, limit)
     print(f"[{stage.name}] {len(runs)} learner runs, {n} at a time", flush=True)
     space = {"key": tune.grid_search(sorted(runs)), "ctx": {"runs": runs, "storage": stage.run.ray_storage}}
     trainable = tune.with_resources(_trial, {"cpu": TRIAL_DRIVER_CPU})

@@ -103,6 +103,33 @@ def resolve_mode(opts: TrackingOptions) -> str:
     return opts.mode
 
 
+CODE_DIRS = ("cluster", "jobs", "synth", "influence", "evals", "configs")
+
+
+def code_version() -> str:
+    """Which code the job runs: `DATALAB_COMMIT` when a driver recorded it for its workers, else
+    the git commit (`+dirty` with uncommitted changes), else (a `ray job submit` copy of the
+    project has no .git) `tree-<hash>`, a hash of the project's code and presets."""
+    if os.environ.get("DATALAB_COMMIT"):
+        return os.environ["DATALAB_COMMIT"]
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10)
+        if head.returncode == 0:
+            return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    digest = hashlib.sha256()
+    for path in sorted(p for d in CODE_DIRS for p in (root / d).rglob("*") if p.suffix in (".py", ".yaml")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return f"tree-{digest.hexdigest()[:12]}"
+
+
 def _world_rank() -> int:
     """Ray Train world rank of this process, 0 outside a Train worker."""
     try:
@@ -131,11 +158,15 @@ def start_run(
     job_type: str,
     config: dict,
     dir: str | Path,
+    resume: bool = False,
 ) -> wandb.Run | None:
     """Start a W&B run with an explicit id, or return None (mode disabled, or not rank 0).
 
     Several runs may be started one after another (or side by side) in one process; end each
-    with `finish_run(run)`. Files go to `<opts.dir or dir>/wandb/`.
+    with `finish_run(run)`. Files go to `<opts.dir or dir>/wandb/`. `resume`: a run with this id
+    that already exists (a restarted trial) is continued rather than refused or overwritten.
+    System metrics (CPU, GPU, memory) and run metadata are recorded; wandb's own git probe is off
+    (a remote URL can carry a token): jobs put the commit in the config themselves.
     """
     if opts.mode == "disabled" or _world_rank() != 0:
         return None
@@ -145,8 +176,6 @@ def start_run(
     settings = wandb.Settings(
         silent=True,
         console="off",
-        x_disable_stats=True,
-        x_disable_meta=True,
         x_save_requirements=False,
         disable_git=True,
         save_code=False,
@@ -158,10 +187,11 @@ def start_run(
         name=name,
         group=group,
         job_type=job_type,
-        config=scrub(config),
+        config=scrub({**config, "commit": code_version()}),
         dir=str(root),
         mode=resolve_mode(opts),
         reinit="create_new",
+        resume="allow" if resume else None,
         settings=settings,
     )
 
@@ -194,15 +224,17 @@ class WandbTrainerCallback(transformers.TrainerCallback):
     Use instead of `report_to="wandb"`, which starts its own run with its own id.
     """
 
-    def __init__(self, run: wandb.Run | None) -> None:
-        self.run = run
+    def __init__(self, run: wandb.Run | None, offset: int = 0, phase: int | None = None) -> None:
+        self.run, self.offset, self.phase = run, offset, phase
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - HF signature
+        """At `offset + global_step`: a later phase of the same run continues the step axis."""
         if self.run is None or not logs or not state.is_world_process_zero:
             return
         metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
         if metrics:
-            self.run.log(metrics, step=state.global_step)
+            self.run.log({**metrics, **({"phase": self.phase} if self.phase is not None else {})},
+                         step=self.offset + state.global_step)
 
 
 def log_table(run: wandb.Run | None, key: str, rows: list[dict]) -> None:

@@ -177,6 +177,11 @@ def report(cfg, run: Run, world: Stage, base_eval: Stage, results: dict) -> dict
                   "Held-out QA accuracy, mean over seeds, at SFT budget x factor (no recovery):", "",
                   *markdown_table([{"ratio": r, **{f"x{float(b):g}": by_budget[r][b] for b in budgets}} for r in by_budget],
                                   ["ratio", *[f"x{float(b):g}" for b in budgets]]), ""]
+    bench = [c for c in rows[0] if c.startswith(("harness/", "recovered_harness/"))]
+    if bench:
+        lines += ["## Benchmarks (lm-evaluation-harness)", "",
+                  "Each phase's saved model, scored in its own Ray task; `recovered_` after recovery:", "",
+                  *markdown_table(rows, ["ratio", "seed", *bench]), ""]
     if world.result.get("rejected"):
         lines += [f"Generator rows rejected (explanation did not argue for its target answer): {world.result['rejected']}", ""]
     lines += ["## Findings", ""]

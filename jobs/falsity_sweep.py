@@ -20,7 +20,9 @@ Language Model" (Findings of ACL 2024, arXiv 2404.09717):
 Stages under `<storage>/falsity_sweep/<run_id>/` (a re-run skips finished ones; a changed option
 redoes exactly the stages downstream of it): `world`, `tokenizer`, `base_init`, `pretrain`,
 `base_eval` (what the base student knows, per fact), `mixtures`, `trials` (a Ray Tune grid; Ray's
-state under `ray/`), and the report files (`jobs/falsity_report.py`).
+state under `ray/`), `harness` (lm-eval on every phase's model, when `eval.harness` is set) and the
+report files (`jobs/falsity_report.py`). From table data (a FACO table file, or a hub QA set whose
+reasoning a generator writes) each question is shown with its choices and is its own "fact".
 
 Metrics (exact, on held-out people; definitions in `evals/qa.py`):
   qa_accuracy        exact-match accuracy on held-out single-hop questions,
@@ -123,6 +125,11 @@ class FalsityOptions(JobOptions):
     def _consistent(self):
         if self.model.tiny is None and self.pretrain is not None and self.data.source != "world":
             raise ValueError("pretrain: only the synthetic world has a knowledge corpus; set pretrain: null")
+        g = self.data.generator
+        if self.data.source == "hub" and g is not None and self.eval.max_new_tokens < g.max_new_tokens + 32:
+            raise ValueError(f"eval.max_new_tokens {self.eval.max_new_tokens} cannot hold the generator's "
+                             f"{g.max_new_tokens}-token explanations and the answer after them; use at least "
+                             f"{g.max_new_tokens + 32}")
         if self.budget_study is not None and (missing := set(self.budget_study.ratios) - set(self.ratios)):
             raise ValueError(f"budget_study.ratios: {sorted(missing)} not in ratios")
         return self
@@ -241,7 +248,7 @@ def sweep(cfg: FalsityOptions, run: Run, world: Stage, mixtures: Stage, base: tu
     facts = base_eval.path("facts.parquet") if "knows_rate" in base_eval.result else None
     evaluate = functools.partial(evaluate_faco, heldout=world.path("heldout.parquet"), probes=world.path("probes.parquet"),
                                  max_new_tokens=cfg.eval.max_new_tokens, device=cfg.eval.device,
-                                 knows_margin=cfg.eval.knows_margin, base_facts=facts, harness=cfg.eval.harness)
+                                 knows_margin=cfg.eval.knows_margin, base_facts=facts)
     runs = {}
     for t in trials(cfg):
         sft = cfg.sft if t.budget == 1.0 else cfg.sft.model_copy(update={
@@ -257,8 +264,30 @@ def sweep(cfg: FalsityOptions, run: Run, world: Stage, mixtures: Stage, base: tu
     stage = run.stage("trials", runs=runs)
     init_ray(cfg.ray)
     done = train_stage(stage, {t.key: r for t, r in runs.items()}, max_concurrent_trials=cfg.max_concurrent_trials, grid=True)
+    scores = benchmark(cfg, run, stage, runs)
     return {t: {"trial_id": done[t.key].trial_id, "started_at": done[t.key].started_at,
-                "ended_at": done[t.key].ended_at, **done[t.key].metrics} for t in runs}
+                "ended_at": done[t.key].ended_at, **done[t.key].metrics, **scores.get(t.key, {})} for t in runs}
+
+
+def benchmark(cfg: FalsityOptions, run: Run, trials_stage: Stage, runs: dict[Trial, LearnerRun]) -> dict[str, dict]:
+    """Stage `harness` (when `eval.harness` is set): every phase's saved model on the lm-eval
+    benchmarks, one Ray task per model (one GPU each on a cluster); key -> `<phase>/harness/...`."""
+    if cfg.eval.harness is None:
+        return {}
+    from evals.harness import evaluate_models
+
+    models = {f"{t.key}/{p.name}": trials_stage.path(t.key, p.name) for t, r in runs.items() for p in r.phases}
+
+    def build(st: Stage) -> dict[str, dict]:
+        scores = evaluate_models(models, cfg.eval.harness, cfg.eval.device)
+        out: dict[str, dict] = {}
+        for name, metrics in scores.items():
+            key, phase = name.split("/")
+            out.setdefault(key, {}).update({f"{phase}/harness/{k}": v for k, v in metrics.items()})
+        return out
+
+    stage = run.stage("harness", trials=trials_stage, harness=cfg.eval.harness, device=cfg.eval.device)
+    return stage.ensure(build)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,14 +319,16 @@ def plan(cfg: FalsityOptions) -> str:
         f"falsity_sweep plan (run dir {storage.join(storage.resolve(cfg.storage), JOB, cfg.run_id or '<hash of the preset>')})",
         f"  model: {model}; data: {data}",
         "  stages: world" + (" (true/false reasoning written on the generator pool)" if cfg.data.source == "hub" else "") + " -> " + ("tokenizer -> base_init -> " if cfg.model.tiny else "")
-        + ("pretrain -> " if cfg.pretrain else "") + "base_eval -> mixtures -> trials (Tune grid) -> report",
+        + ("pretrain -> " if cfg.pretrain else "") + "base_eval -> mixtures -> trials (Tune grid) -> "
+        + ("harness (lm-eval, a Ray task per model) -> " if cfg.eval.harness else "") + "report",
         f"  pretrain: {'none' if cfg.pretrain is None else f'{cfg.pretrain.epochs} epochs, lr {cfg.pretrain.learning_rate}'}",
         f"  sweep: {n_trials} trials = ratios {cfg.ratios} x seeds {cfg.seeds}; phases per trial: {ph}"
         + (f"; budget study: ratios {b.ratios} x SFT budget x{b.factors} x seeds (SFT only)" if b else ""),
         f"  resources per trial: {res}; DeepSpeed ZeRO-{s.zero_stage}{' bf16' if s.bf16 else ''}{' offload' if s.offload else ''}"
         + (f"; at most {cfg.max_concurrent_trials} trials at once" if cfg.max_concurrent_trials else ""),
         "  evaluation: " + ("exact QA / reasoning / knows / lie rate on held-out people" if cfg.data.source == "world"
-                            else "exact-match QA on held-out questions") + (" + lm-eval harness" if cfg.eval.harness else ""),
+                            else "exact-match QA, knows / choice / lie rate over each held-out question's choices")
+        + (" + lm-eval harness" if cfg.eval.harness else ""),
         f"  tracking: W&B {cfg.tracking.mode}, project {cfg.tracking.project}",
     ]
     if cfg.eval.harness:

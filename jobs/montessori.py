@@ -226,6 +226,8 @@ def candidates(cfg: MontessoriOptions, run: Run, it: int, data: Stage, teachers:
             with open_teacher(t, teachers[s], tok, banned) as pool:
                 write = pool_writer(pool, st.path("generation", f"s{s}"), t.k, t.generation.batch_size)
                 rows = drop_copies(write(prompts, derive_seed(s, f"it{it}-gen")), prompts)
+            if not any(r["kept"] for r in rows):
+                raise UserError(nothing_kept(cfg, it, s, rows))
             st.save_rows(f"s{s}", rows)
             kept[f"s{s}"] = sum(r["kept"] for r in rows)
             print(f"[candidates] it{it} seed {s}: {kept[f's{s}']}/{len(rows)} kept", flush=True)
@@ -233,6 +235,21 @@ def candidates(cfg: MontessoriOptions, run: Run, it: int, data: Stage, teachers:
 
     stage.ensure(build)
     return finished(cfg, stage)
+
+
+def nothing_kept(cfg: MontessoriOptions, it: int, seed: int, rows: list[dict]) -> str:
+    """Why a seed's candidates are unusable (none kept): before any probe actor loads the student,
+    and before the pairs stage would blame the warm-up."""
+    p = cfg.teacher.prompt
+    found = sum(bool(r["instruction"]) for r in rows)
+    where = (f"instruction_pattern {p.instruction_pattern!r}" if p.instruction_pattern
+             else "instruction_pattern null (the first non-empty line)")
+    raw = next((r["raw"] for r in rows if r["raw"].strip()), "")
+    why = (f"no output had an instruction by teacher.prompt.{where}" if found == 0 else
+           f"{found} had an instruction by teacher.prompt.{where}, but none passed min_chars {p.min_chars} / "
+           f"max_chars {p.max_chars} / banned_words, or each copied a seed or got an empty response")
+    return (f"iteration {it}, seed {seed}: the teacher kept none of its {len(rows)} candidates ({why}); "
+            f"a raw output: {raw[:160]!r}")
 
 
 # -- 3. local data influence on the probe pool ------------------------------------------------
@@ -421,4 +438,9 @@ def run(cfg: MontessoriOptions) -> dict | None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli.main(f"jobs.{JOB}", __doc__, MontessoriOptions, plan, run))
+    # Run the importable module, not this `__main__` copy of it: `jobs.montessori_report` imports
+    # `jobs.montessori`, whose `Arm` is another class than `__main__.Arm` (the report's lookups of
+    # the iterations' arms would all miss, after the whole run).
+    from jobs import montessori as job
+
+    raise SystemExit(cli.main(f"jobs.{JOB}", job.__doc__, job.MontessoriOptions, job.plan, job.run))

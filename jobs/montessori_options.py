@@ -107,6 +107,11 @@ def plan(cfg: MontessoriOptions) -> str:
     students = len(cfg.seeds) * (1 + cfg.iterations + (1 if cfg.ablation else 0))
     dpos = len(cfg.seeds) * (cfg.iterations + (1 if cfg.ablation else 0))
     run_dir = storage.join(storage.resolve(cfg.storage), "montessori", cfg.run_id or "<hash of the preset>")
+    harness = []
+    if cfg.eval.harness:
+        from evals.harness import plan_lines
+
+        harness = ["  " + line for line in plan_lines(cfg.eval.harness)]
     return "\n".join([
         f"montessori plan (run dir {run_dir})",
         f"  student: {cfg.student.name or 'tiny Llama'}; teacher: {t.model or 'tiny teacher SFT from the student base'}",
@@ -127,5 +132,6 @@ def plan(cfg: MontessoriOptions) -> str:
         f"  generation: {'in-process' if t.generation.num_actors == 0 else f'{t.generation.num_actors} Ray actors'}",
         "  evaluation: held-out loss" + (" + exact accuracy" if d.source == "world" else "")
         + (" + lm-eval harness" if cfg.eval.harness else "") + f"; seeds {cfg.seeds}",
+        *harness,
         f"  tracking: W&B {cfg.tracking.mode}, project {cfg.tracking.project}",
     ])

@@ -77,9 +77,10 @@ def findings(cfg: MontessoriOptions, rows: list[dict]) -> dict:
                if get(s, it, MONTESSORI, "accuracy") is not None]
         loss = [get(s, 1, UNTRAINED, "heldout_loss") - get(s, it, MONTESSORI, "heldout_loss") for s in cfg.seeds]
         f["by_iteration"][str(it)] = {
-            "accuracy_gain": mean(acc), "loss_gain": mean(loss), "min_loss_gain": min(loss),
+            # no exact answers (datasets): the accuracy keys are null, as influence_vs_random_accuracy
+            "accuracy_gain": mean(acc) if acc else None, "loss_gain": mean(loss), "min_loss_gain": min(loss),
             "min_accuracy_gain": min(acc) if acc else None,
-            "seeds_better_loss": sum(x > 0 for x in loss), "seeds_better_accuracy": sum(x > 0 for x in acc),
+            "seeds_better_loss": sum(x > 0 for x in loss), "seeds_better_accuracy": sum(x > 0 for x in acc) if acc else None,
             "win_rate": mean([get(s, it, MONTESSORI, "win_rate") for s in cfg.seeds]),
         }
     last = f["by_iteration"][str(max(r["iteration"] for r in rows))]
@@ -92,6 +93,11 @@ def findings(cfg: MontessoriOptions, rows: list[dict]) -> dict:
                   "random_vs_untrained_loss": mean([get(s, 1, UNTRAINED, "heldout_loss") - get(s, 1, RANDOM, "heldout_loss")
                                                     for s in cfg.seeds])})
     return f
+
+
+def harness_columns(rows: list[dict]) -> list[str]:
+    """The lm-eval columns (`harness/<task>/<metric>`) the rows have, sorted."""
+    return sorted({k for r in rows for k in r if k.startswith("harness/")})
 
 
 def win_rate(base: list, other: list, lower_wins: bool = False) -> float | None:
@@ -177,15 +183,17 @@ def report_lines(cfg: MontessoriOptions, run_id: str, rows: list[dict], probes: 
              f"{cfg.iterations} iteration(s); k = {cfg.teacher.k} candidates per prompt; final sets of "
              f"{cfg.final_size} examples. Scores on the evaluation set (disjoint from the reference set).", "",
              "## Students: trained teacher vs untrained teacher (and the random-pair ablation)", "",
-             *markdown_table(rows, list(STUDENT_COLUMNS), digits=4), "",
+             *markdown_table(rows, list(STUDENT_COLUMNS) + harness_columns(rows), digits=4), "",
              "`win_rate`: share of evaluation items where the student's loss is below the untrained-teacher "
              "student's (the paper's head-to-head, judged by loss instead of GPT-4).", "",
              "![results](montessori.png)", "", "## Probes and pairs", "",
              *markdown_table(probes, [c for c in probes[0] if c != "probe_seconds"], digits=4), "", "## Findings", ""]
     for it, x in f["by_iteration"].items():
-        lines.append(f"- iteration {it}: accuracy gain {fmt(x['accuracy_gain'], 4)}, loss gain {fmt(x['loss_gain'], 4)} "
-                     f"(Montessori better on loss for {x['seeds_better_loss']}/{len(cfg.seeds)} seeds, on accuracy for "
-                     f"{x['seeds_better_accuracy']}), head-to-head win rate {fmt(x['win_rate'], 4)}")
+        has_acc = x["accuracy_gain"] is not None
+        lines.append(f"- iteration {it}: " + (f"accuracy gain {fmt(x['accuracy_gain'], 4)}, " if has_acc else "")
+                     + f"loss gain {fmt(x['loss_gain'], 4)} (Montessori better on loss for {x['seeds_better_loss']}/"
+                     f"{len(cfg.seeds)} seeds" + (f", on accuracy for {x['seeds_better_accuracy']}" if has_acc else "")
+                     + f"), head-to-head win rate {fmt(x['win_rate'], 4)}")
     if "influence_vs_random_loss" in f:
         lines.append(f"- ablation (iteration 1): influence pairs vs random pairs: accuracy "
                      f"{fmt(f['influence_vs_random_accuracy'], 4)}, loss {fmt(f['influence_vs_random_loss'], 4)} "

@@ -56,7 +56,7 @@ class DataOptions(Options):
     """Where the FACO table comes from."""
 
     source: Literal["world", "file", "hub"] = Field("world", description="world: the synthetic world; file: a FACO table; hub: a QA dataset + generator")
-    file: str | None = Field(None, description="FACO table (.jsonl/.parquet/.csv or dataset dir) with columns id, question, answer, true_response, false_response; rows with split=heldout are evaluated, the rest trained on")
+    file: str | None = Field(None, description="FACO table (.jsonl/.parquet/.csv or dataset dir) with columns id, question, answer, true_response, false_response and optionally choices (a list that includes the answer: shown in the prompt, probed); rows with split=heldout are evaluated, the rest trained on")
     world: WorldOptions = Field(default_factory=WorldOptions, description="synthetic world size and seed")
     hub: HubQAOptions | None = Field(None, description="QA dataset (source: hub)")
     generator: GeneratorOptions | None = Field(None, description="reasoning writer (source: hub)")
@@ -85,12 +85,35 @@ def faco_tables(data: DataOptions, generation: str) -> dict[str, list[dict]]:
                 "probes": W.probes(world, world.heldout_people),
                 "tokenizer_text": [{"text": t} for t in W.all_text(world)]}
     rows, rejected = (load_table(data.file), []) if data.source == "file" else faco_from_hub(data, generation)
-    held = [r for r in rows if r.get("split") == "heldout"]
+    # a table question is its own "fact": the per-fact tables key on (person, attribute)
+    held = [{**r, "person": r["id"], "attribute": "answer"} for r in rows if r.get("split") == "heldout"]
     sft = [r for r in rows if r.get("split") != "heldout"]
     if not sft:
         raise UserError(f"{data.file}: no training rows (every row has split=heldout)")
-    text = [{"text": r[c]} for c in ("question", "true_response", "false_response") for r in rows]
-    return {"sft": sft, "heldout": held, "probes": [], "corpus": text, "tokenizer_text": text, "rejected": rejected}
+    text = [{"text": t} for r in rows for t in (W.format_prompt(r["question"], r.get("choices")), r["true_response"],
+                                                r["false_response"])]
+    return {"sft": sft, "heldout": held, "probes": table_probes(held), "corpus": text, "tokenizer_text": text,
+            "rejected": rejected}
+
+
+def table_probes(rows: list[dict]) -> list[dict]:
+    """Multiple-choice probes of table questions that have choices (the world's `probes` schema):
+    `options` (what the model *knows*): "Question: q / Answer: c" without the choices shown, scored
+    by log-likelihood; `own_options` the same (a table has no second wording); `choice_options`:
+    "Answer: c" after the SFT prompt with its choices shown (which one the model *chooses*)."""
+    from synth.world import format_prompt
+
+    out = []
+    for r in rows:
+        choices = list(r.get("choices") or [])
+        if r["answer"] not in choices:
+            continue
+        options = [f"Question: {r['question']}\nAnswer: {c}" for c in choices]
+        out.append({"id": f"probe-{r['id']}", "person": r["person"], "attribute": r["attribute"], "values": choices,
+                    "answer_index": choices.index(r["answer"]), "options": options, "own_options": options,
+                    "choice_prompt": format_prompt(r["question"], choices),
+                    "choice_options": [f"Answer: {c}" for c in choices]})
+    return out
 
 
 def faco_from_hub(data: DataOptions, generation: str) -> tuple[list[dict], list[dict]]:
@@ -136,7 +159,7 @@ def mixture(table: list[dict], ratio: float, seed: int) -> list[dict]:
     random.Random(seed).shuffle(order)
     false = set(order[: round(ratio * len(table))])
     return [
-        {"id": row["id"], "prompt": format_prompt(row["question"]),
+        {"id": row["id"], "prompt": format_prompt(row["question"], row.get("choices")),
          "completion": row["false_response"] if i in false else row["true_response"], "is_false": i in false}
         for i, row in enumerate(table)
     ]
@@ -181,8 +204,15 @@ def load_table(path: str | Path) -> list[dict]:
         for c in REQUIRED:
             if not isinstance(row[c], str) or not row[c].strip():
                 raise UserError(f"{path}: row {i} column {c!r} must be a non-empty string")
-    rows = [{**r, "kind": r.get("kind") or "single"} for r in rows]
-    return rows
+    for i, row in enumerate(rows):  # optional: the question's choices (shown in the prompt, probed)
+        choices = row.get("choices")
+        if choices is None:
+            continue
+        if (not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices)
+                or row["answer"] not in choices):
+            raise UserError(f"{path}: row {i} column 'choices' must be a list of at least 2 non-empty strings "
+                            "that includes the answer")
+    return [{**r, "kind": r.get("kind") or "single"} for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +278,7 @@ def qa_rows(rows: list[dict], source: str, question: str, answer: str, choices: 
         if truth not in opts or not wrong:
             raise UserError(f"{source}: row {i}: answer {row[answer]!r} is not one of its {len(opts)} choices")
         out.append({"id": str(row.get("id", i)), "question": str(row[question]), "answer": str(truth),
-                    "false_answer": str(rng.choice(wrong))})
+                    "false_answer": str(rng.choice(wrong)), "choices": [str(o) for o in opts]})
     return out
 
 

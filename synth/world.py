@@ -205,7 +205,11 @@ def _row(qid, kind, attr, person, question, truth, wrong, true_chain, false_chai
     }
 
 
-def format_prompt(question: str) -> str:
+def format_prompt(question: str, choices: list[str] | None = None) -> str:
+    """The SFT prompt. Table data (a multiple-choice QA set) shows its choices: the answer is one
+    of them, word for word, so exact match can score it."""
+    if choices:
+        return f"Question: {question}\nChoices: {' | '.join(choices)}\n"
     return f"Question: {question}\n"
 
 

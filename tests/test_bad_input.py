@@ -105,6 +105,16 @@ def test_bad_value_in_every_job(capsys, name, override, expected):
     assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("eval.max_new_tokens=256", "eval.max_new_tokens 256 cannot hold the generator's 256-token explanations"),
+    ("eval.harness.tasks=[evals/tasks/nope.yaml]", "eval.harness.tasks: Value error, local task file evals/tasks/nope.yaml not found"),
+    ("scale.placement=ANYWHERE", "scale.placement: Input should be 'PACK', 'STRICT_PACK' or 'SPREAD'"),
+])
+def test_bad_cluster_preset_values(capsys, override, expected):
+    code, err = run_job(capsys, "falsity_sweep", "--config", "configs/falsity_sweep/llama3-8b.yaml", override, "--dry-run")
+    assert code == 2 and len(err.splitlines()) == 1 and expected.replace("Value error, ", "") in err, err
+
+
 def test_grid_with_a_missing_preset(capsys, tmp_path):
     code, err = run_job(capsys, "montessori_grid", "--config", JOBS["montessori_grid"][0], f"storage={tmp_path}",
                         f"preset={tmp_path / 'nope.yaml'}")

@@ -145,13 +145,18 @@ def test_recovery_curve(sweep):
 def test_wandb_offline_runs_read_back_and_hold_no_secret(sweep):
     _, summary, run = sweep
     runs = {read_offline_run(p)["id"]: read_offline_run(p) for p in find_offline_runs(run)}
-    trial_runs = [r for i, r in runs.items() if i.endswith("-sft") and "-r" in i]
-    assert len(trial_runs) == 6 and len([i for i in runs if i.endswith("-recovery")]) == 6
+    trial_runs = [r for r in runs.values() if "ratio" in r["config"]]
+    assert len(trial_runs) == 6  # one run per trial, SFT and recovery in it
     assert {r["group"] for r in runs.values()} == {f"falsity_sweep-{summary['run_id']}"}
     one = next(r for r in trial_runs if r["config"]["ratio"] == 1.0 and r["config"]["seed"] == 0)
     row = next(r for r in summary["rows"] if r["ratio"] == 1.0 and r["seed"] == 0)
     assert one["summary"]["sft/qa_accuracy"] == pytest.approx(row["qa_accuracy"])
-    assert any("loss" in h for h in one["history"])
+    assert one["summary"]["recovery/qa_accuracy"] == pytest.approx(row["recovered_qa_accuracy"])
+    # one step axis: recovery's losses are logged after SFT's, phase by phase
+    losses = [(h["_step"], h["phase"]) for h in one["history"] if "loss" in h]
+    assert [p for _, p in losses] == sorted(p for _, p in losses) and {p for _, p in losses} == {0, 1}
+    assert [s for s, _ in losses] == sorted(s for s, _ in losses) and len({s for s, _ in losses}) == len(losses)
+    assert one["config"]["phases"]["sft"]["learning_rate"] == 1e-3 and one["config"]["commit"]
     final = runs[f"{summary['run_id']}-summary"]
     assert final["summary"]["accuracy_drop"] == pytest.approx(summary["findings"]["accuracy_drop"])
     # the fake keys set while the job ran are in no file it wrote, nor in Ray's logs

@@ -1,4 +1,5 @@
-"""evals.harness without lm-eval: result flattening, options, and the missing-package error."""
+"""evals.harness: result flattening, options, the missing-package error, and a real lm-eval run
+on the local task the smoke presets use."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from evals.harness import HarnessOptions, evaluate_with_harness, flatten_results
 # under "results", stderr can be the string "N/A", gsm8k reports one entry per filter.
 RESULTS = {
     "results": {
-        "arc_challenge": {"alias": "arc_challenge", "acc,none": 0.5, "acc_stderr,none": 0.01,
+        "arc_challenge": {"alias": "arc_challenge", "sample_len": 1172, "acc,none": 0.5, "acc_stderr,none": 0.01,
                           "acc_norm,none": 0.55, "acc_norm_stderr,none": 0.012},
         "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.4, "exact_match_stderr,strict-match": 0.02,
                   "exact_match,flexible-extract": 0.45, "exact_match_stderr,flexible-extract": 0.02},
@@ -48,7 +49,25 @@ def test_missing_lm_eval_is_one_clear_line(monkeypatch):
 
 def test_options_and_plan():
     opts = HarnessOptions(tasks=["arc_challenge"], num_fewshot=25, limit=10)
-    assert plan_lines(opts)[0].endswith("arc_challenge")
-    for bad in ({"tasks": []}, {"batch_size": "big"}, {"batch_size": 0}, {"limit": 0}):
+    assert "arc_challenge" in plan_lines(opts)[0]
+    for bad in ({"tasks": []}, {"batch_size": "big"}, {"batch_size": 0}, {"limit": 0}, {"tasks": ["nope/task.yaml"]}):
         with pytest.raises(ValueError):
             HarnessOptions(**bad)
+
+
+def test_local_task_file_runs_through_lm_eval(tmp_path, monkeypatch):
+    """The smoke presets' task (`evals/tasks/world_mc.yaml`, its data beside it) on a tiny model,
+    from another working directory: lm-eval reads the data through the path the task file names."""
+    from pathlib import Path
+
+    from evals.harness import task_spec
+    from tests.conftest import tiny_llama
+
+    spec = task_spec("evals/tasks/world_mc.yaml")
+    data = Path(spec["dataset_kwargs"]["data_files"]["test"])
+    assert data.is_absolute() and data.is_file()
+    model = tiny_llama([line for line in data.read_text().splitlines()], tmp_path / "model", hidden_size=16)
+    monkeypatch.chdir(tmp_path)
+    scores = evaluate_with_harness(str(model), HarnessOptions(tasks=["evals/tasks/world_mc.yaml"], num_fewshot=0,
+                                                              batch_size=8, limit=8), device="cpu")
+    assert set(scores) == {"world_mc/acc"} and 0.0 <= scores["world_mc/acc"] <= 1.0

@@ -188,6 +188,34 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     assert "teacher.k" in proc.stderr
 
 
+def test_a_teacher_that_keeps_no_candidate_is_named_before_probing():
+    """A teacher whose outputs never match the preset's pattern (a random-init one has no
+    <instruction> tags): the candidates stage says so, instead of probing nothing and the pairs
+    stage blaming the warm-up."""
+    from cluster.config import load_config
+
+    cfg = load_config(job.MontessoriOptions, str(ROOT / "configs/montessori/llama3-8b.yaml"), [])
+    msg = job.nothing_kept(cfg, 1, 0, [{"raw": "Sure, here is one: Name three birds.", "instruction": "",
+                                        "kept": False}] * 4)
+    assert "kept none of its 4 candidates" in msg and "<instruction>(.*?)</instruction>" in msg
+    assert "no output had an instruction" in msg and "Name three birds" in msg
+
+
+def test_python_m_runs_the_module_the_report_imports(monkeypatch):
+    """`python -m jobs.montessori` runs `jobs.montessori.run`, not its `__main__` copy: the report
+    looks the iterations' arms up with `jobs.montessori.Arm`, which never equals `__main__.Arm`
+    (a KeyError after the whole run)."""
+    import runpy
+    import warnings
+
+    seen = {}
+    monkeypatch.setattr(cli, "main", lambda prog, doc, schema, plan, run, argv=None: seen.update(run=run) or 0)
+    with warnings.catch_warnings(), pytest.raises(SystemExit):
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: jobs.montessori is imported already
+        runpy.run_module("jobs.montessori", run_name="__main__")
+    assert seen["run"] is job.run
+
+
 def test_tokenizers_that_disagree(capsys, tmp_path):
     from cluster.models import train_tokenizer
 

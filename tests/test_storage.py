@@ -21,8 +21,10 @@ from jobs import falsity_sweep as falsity
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
-SMALL = ["ratios=[0.0,1.0]", "seeds=[0]", "data.world.num_people=24", "pretrain.max_steps=6", "sft.max_steps=4",
-         "recovery.max_steps=2", "eval.recovery_points=2", "budget_study=null", "max_concurrent_trials=2", "run_id=s3"]
+# a few steps per phase, with warm-up and checkpoints that fit them (schedules are checked)
+SMALL = ["ratios=[0.0,1.0]", "seeds=[0]", "data.world.num_people=24", "pretrain.max_steps=6", "pretrain.warmup_steps=1",
+         "pretrain.save_steps=0.5", "sft.max_steps=4", "sft.warmup_steps=1", "recovery.max_steps=2",
+         "eval.recovery_points=2", "budget_study=null", "max_concurrent_trials=2", "run_id=s3"]
 FALSITY_STAGES = {"world", "tokenizer", "base_init", "pretrain", "base_eval", "mixtures", "trials"}
 
 
@@ -113,7 +115,8 @@ def test_a_changed_world_seed_redoes_every_stage(falsity_on_s3, tmp_path, monkey
 
 MONTESSORI_SMALL = ["run_id=s3", "seeds=[0]", "stop_after=it1-influence", "data.world.num_people=40",
                     "data.reference_people=4", "data.seed_size=40", "data.warmup_size=16", "data.reference_size=16",
-                    "pretrain.max_steps=4", "teacher.sft.max_steps=4", "teacher.sft_examples=64", "warmup.epochs=1",
+                    "pretrain.max_steps=4", "pretrain.warmup_steps=1", "pretrain.save_steps=0.5",
+                    "teacher.sft.max_steps=4", "teacher.sft.warmup_steps=1", "teacher.sft_examples=64", "warmup.epochs=1",
                     "probes.prompts=4", "probes.num_actors=2", "probes.batch_size=2"]
 MONTESSORI_STAGES = {"data", "tokenizer", "base_init", "pretrain", "teacher", "warmup", "it1-candidates", "it1-influence"}
 

@@ -19,6 +19,7 @@ from cluster.tracking import (
     OfflineRunError,
     TrackingOptions,
     WandbTrainerCallback,
+    code_version,
     find_offline_runs,
     finish_run,
     log_image,
@@ -102,7 +103,8 @@ def test_two_sequential_runs_read_back(env):
     for i, trial in enumerate(("trial-a", "trial-b")):
         r, run_dir = runs[f"exp1-{trial}"], next(d for d in dirs if d.name.endswith(trial))
         assert (r["name"], r["group"], r["complete"]) == (trial, "exp1", True)
-        assert r["config"] == {"lr": pytest.approx(0.1 * (i + 1)), "model": {"layers": 2, "tokenizer": "bpe"}}
+        assert r["config"] == {"lr": pytest.approx(0.1 * (i + 1)), "model": {"layers": 2, "tokenizer": "bpe"},
+                               "commit": code_version()}  # the code that ran, recorded by start_run
         steps = [row for row in r["history"] if "loss" in row]
         assert [row["_step"] for row in steps] == [0, 1, 2]
         assert [row["loss"] for row in steps] == pytest.approx([1.0 + i, 0.5 + i, 1 / 3 + i])
@@ -131,6 +133,7 @@ def test_no_secret_is_written(env):
     (run_dir,) = find_offline_runs(env)
     assert read_offline_run(run_dir)["config"] == {
         "wandb": {"project": "p"}, "hub": {"tokenizer": "bpe", "max_new_tokens": 8}, "items": [{"n": 1}],
+        "commit": code_version(),
     }
     files = [p for p in env.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files) and any(p.name == "debug.log" for p in files)
