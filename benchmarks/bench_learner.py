@@ -1,9 +1,9 @@
 """SFT learner throughput against a bare PyTorch loop, side by side in one run.
 
 The learner (Ray Train worker running TRL's SFTTrainer; DeepSpeed off, as on the tiny presets) and
-a bare loop (forward, backward, AdamW step; nothing else) train the same model from the same init
-on the same batches (taken from the trainer's own dataloader) for the same number of steps, each
-with 2 threads. Reported: tokens/s of each over the whole loop and over steps 2-N (the goal,
+a bare loop doing the same work (collate, forward, backward, clip the gradient norm, AdamW, a
+schedule step; nothing else) train the same model from the same init on the same examples (the
+trainer's own, in its order) for the same number of steps, each with 2 threads. Reported: tokens/s of each over the whole loop and over steps 2-N (the goal,
 learner >= 0.9x, is on the latter: the first step carries one-off costs, and inside Ray it overlaps
 the start of Ray's own actors), and the fixed start-up cost of one learner run (wall time of `fit`
 minus its training loop).
@@ -56,7 +56,9 @@ def setup(root: Path, args) -> tuple[str, str, str, LearnerOptions, int]:
 
 
 def bare_loop(model_dir: str, tok_dir: str, data_dir: str, opts: LearnerOptions, steps: int) -> tuple[float, int, float]:
-    """Forward, backward, AdamW: nothing else. Batches come from the trainer's own dataloader.
+    """What the trainer's step must do, and nothing else: collate the step's examples (the
+    trainer's own collator), forward, backward, clip the gradient norm to 1 (HF's default), AdamW,
+    a learning-rate schedule step. The examples are the trainer's own, in its order.
     Returns (seconds, tokens, tokens/s after the first step)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -68,21 +70,26 @@ def bare_loop(model_dir: str, tok_dir: str, data_dir: str, opts: LearnerOptions,
                      report_to="none", use_cpu=True, bf16=False, seed=0, data_seed=0, dataset_text_field="text",
                      disable_tqdm=True, max_steps=steps)
     trainer = SFTTrainer(model=load_model(model_dir), args=args, train_dataset=Dataset.from_parquet(data_dir), processing_class=tok)
-    batches = []
+    steps_examples = []  # each step's examples, unpadded again (right padding: the mask's ones)
     for b in trainer.get_train_dataloader():
-        batches.append({k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")})
-        if len(batches) == steps:
+        steps_examples.append([{"input_ids": ids[m.bool()].tolist()} for ids, m in zip(b["input_ids"], b["attention_mask"])])
+        if len(steps_examples) == steps:
             break
+    collate = trainer.data_collator
     del trainer
     model = load_model(model_dir)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=opts.learning_rate, weight_decay=opts.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)  # "constant", as the learner's
     tokens, marks = 0, []
     t0 = time.perf_counter()
-    for b in batches:
-        loss = model(**b).loss
+    for examples in steps_examples:
+        b = collate(examples)
+        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
         tokens += int(b["attention_mask"].sum())
         marks.append((time.perf_counter(), tokens))
@@ -121,7 +128,8 @@ def main() -> None:
     bare_tps, learner_tps = bare_tokens / bare_s, learner_tokens / learner_s
     rows = [
         ("model", f"{params / 1e6:.1f}M-parameter Llama ({args.layers} x {args.hidden}), fp32, 2 threads"),
-        ("work", f"{args.steps} steps x {args.batch} sequences x <= {args.seq} tokens (same batches in both)"),
+        ("work", f"{args.steps} steps x {args.batch} sequences x <= {args.seq} tokens; both arms collate, clip "
+                 "the gradient norm and step a schedule in the timed loop, on the same examples"),
         ("bare PyTorch loop", f"{bare_tps:,.0f} tokens/s ({bare_tokens} tokens in {bare_s:.1f} s)"),
         ("SFT learner (Ray Train + TRL SFTTrainer)", f"{learner_tps:,.0f} tokens/s ({learner_tokens:.0f} tokens in {learner_s:.1f} s)"),
         ("learner / bare, whole loop", f"{learner_tps / bare_tps:.2f}x"),

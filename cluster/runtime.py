@@ -82,6 +82,10 @@ def init_ray(opts: RayOptions) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its workers at nice 15; on a laptop's few cores the training worker then yields to
+    # Ray's own processes (learner at about 0.8x a bare loop at nice 15, 0.9x at nice 0:
+    # benchmarks/RESULTS.md). A cluster's Ray is started by its operator and keeps its default.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(
         address="local",  # a new local Ray, even when another one runs on this machine
