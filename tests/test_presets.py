@@ -95,7 +95,8 @@ def test_schedule_counts_steps_as_the_trainer_does(tmp_path):
                          train_dataset=datasets.Dataset.from_list([{"text": t} for t in texts]),
                          args=SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
                                         gradient_accumulation_steps=3, num_train_epochs=2.5, use_cpu=True,
-                                        report_to="none", save_strategy="no", disable_tqdm=True, max_length=16))
+                                        report_to="none", save_strategy="no", disable_tqdm=True, max_length=16,
+                                        activation_checkpointing=False))
     trainer.train()
     assert schedule(opts, 37, 1).steps == trainer.state.max_steps == trainer.state.global_step
 
