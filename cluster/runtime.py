@@ -56,18 +56,15 @@ def init_ray(opts: RayOptions) -> None:
     env = dict(WORKER_ENV)
     if opts.offline_hub:
         env["HF_HUB_OFFLINE"] = "1"
-    from cluster.tracking import code_version
+    from cluster.tracking import code_version, is_secret_name
 
-    if commit := code_version():  # workers may run a copy of the code without .git
-        env["DATALAB_COMMIT"] = commit
+    env["DATALAB_COMMIT"] = code_version()  # workers may run a copy of the code without .git
     # A fixed list of settings, never a copy of the environment: keys stay out of the runtime env.
     for k in ("DS_ACCELERATOR", "DATALAB_STORAGE", "DATALAB_CACHE"):
         if os.environ.get(k):
             env[k] = os.environ[k]
     for k, v in env.items():
         os.environ.setdefault(k, v)
-    from cluster.tracking import is_secret_name
-
     env = {k: v for k, v in env.items() if not is_secret_name(k)}  # a guard, should the list grow
     address = opts.address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": env, "worker_process_setup_hook": SECRETS_HOOK}

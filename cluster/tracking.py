@@ -18,6 +18,7 @@ Why this module and not `report_to="wandb"` / `setup_wandb()`:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -106,22 +107,24 @@ def resolve_mode(opts: TrackingOptions) -> str:
 CODE_DIRS = ("cluster", "jobs", "synth", "influence", "evals", "configs")
 
 
+@functools.cache
 def code_version() -> str:
     """Which code the job runs: `DATALAB_COMMIT` when a driver recorded it for its workers, else
     the git commit (`+dirty` with uncommitted changes), else (a `ray job submit` copy of the
-    project has no .git) `tree-<hash>`, a hash of the project's code and presets."""
+    project has no .git) `tree-<hash>`, a hash of the project's code and presets. Once per
+    process: every W&B run it starts records it."""
     if os.environ.get("DATALAB_COMMIT"):
         return os.environ["DATALAB_COMMIT"]
     import hashlib
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
+    git = dict(cwd=root, capture_output=True, text=True, timeout=10)
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], **git)
         if head.returncode == 0:
-            return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **git).stdout.strip()
+            return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
     digest = hashlib.sha256()

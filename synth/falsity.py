@@ -204,12 +204,9 @@ def load_table(path: str | Path) -> list[dict]:
         for c in REQUIRED:
             if not isinstance(row[c], str) or not row[c].strip():
                 raise UserError(f"{path}: row {i} column {c!r} must be a non-empty string")
-    for i, row in enumerate(rows):  # optional: the question's choices (shown in the prompt, probed)
-        choices = row.get("choices")
-        if choices is None:
-            continue
-        if (not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices)
-                or row["answer"] not in choices):
+        choices = row.get("choices")  # optional: the question's choices (shown in the prompt, probed)
+        if choices is not None and (not isinstance(choices, list) or len(choices) < 2 or row["answer"] not in choices
+                                    or not all(isinstance(c, str) and c.strip() for c in choices)):
             raise UserError(f"{path}: row {i} column 'choices' must be a list of at least 2 non-empty strings "
                             "that includes the answer")
     return [{**r, "kind": r.get("kind") or "single"} for r in rows]

@@ -26,6 +26,12 @@ from synth import world as W
 CHOICES = 4
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Rows as a JSON-lines file (what `datasets` and lm-eval read); returns the path."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def faco_rows(world: W.World) -> list[dict]:
     """The world's questions as a FACO table with choices: the truth, the false answer and
     `CHOICES - 2` other values of the attribute, in a seeded order."""
@@ -52,7 +58,7 @@ def world_mc_task(out: Path, seed: int = 0, people: int = 12) -> Path:
     items = [{"question": p["choice_prompt"].strip(), "choices": p["values"], "label": p["answer_index"]}
              for p in W.probes(world, world.people)]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "world_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    write_jsonl(out / "world_mc.jsonl", items)
     (out / "world_mc.yaml").write_text(
         "# A local lm-eval task (no hub): multiple choice over a synthetic world's facts, scored by\n"
         "# log-likelihood. Written by `synth.smoke.world_mc_task`; the smoke presets run it.\n"
@@ -80,8 +86,8 @@ def write_assets(out: Path, seed: int = 0, people: int = 30) -> dict[str, str]:
     world = W.build_world(W.WorldOptions(seed=seed, num_people=people))
     out.mkdir(parents=True, exist_ok=True)
     faco, instructions = faco_rows(world), instruction_rows(world)
-    (out / "faco.jsonl").write_text("".join(json.dumps(r) + "\n" for r in faco))
-    (out / "instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in instructions))
+    write_jsonl(out / "faco.jsonl", faco)
+    write_jsonl(out / "instructions.jsonl", instructions)
     texts = W.all_text(world) + [W.format_prompt(r["question"], r["choices"]) for r in faco]
     texts += ["### Instruction:\n### Response:\n<instruction></instruction>"]
     model = out / "model"

@@ -33,7 +33,8 @@ import pytest  # noqa: E402
 S3_BUCKET = "datalab-test"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback (for a server a test starts)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -43,7 +44,7 @@ def _free_port() -> int:
 def s3_server():
     """moto's S3 server on 127.0.0.1 with one bucket; yields the bucket's URI. Started before the
     session's Ray, whose processes inherit AWS_ENDPOINT_URL (s3fs and pyarrow both read it)."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
@@ -78,7 +79,7 @@ def ray_local(s3_server):
         os.environ.setdefault(k, v)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": _free_port()})  # a second test session on the machine must not collide
+        "dashboard_port": free_port()})  # a second test session on the machine must not collide
     cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
     ray.init(address=cluster.address)
     yield ray
@@ -102,7 +103,6 @@ def tiny_llama(texts: list[str], out, vocab_size: int = 300, hidden_size: int = 
 
 def write_jsonl(path, rows: list[dict]):
     """Rows as a JSON-lines file; returns the path."""
-    import json
+    from synth.smoke import write_jsonl
 
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(path, rows)

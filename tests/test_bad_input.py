@@ -149,6 +149,9 @@ ROW = {"id": "q1", "question": "Where does A live?", "answer": "Brisk",
         (lambda d: (d / "broken.jsonl").write_text('{"id": "q1", "question": ') and d / "broken.jsonl",
          "broken.jsonl: could not read as a dataset"),
         (lambda d: write(d / "blank.jsonl", [{**ROW, "answer": ""}]), "blank.jsonl: row 0 column 'answer'"),
+        (lambda d: write(d / "nochoice.jsonl", [ROW, {**ROW, "id": "q2", "choices": ["Pell", "Mundo"]}]),
+         "nochoice.jsonl: row 1 column 'choices' must be a list of at least 2 non-empty strings that includes the answer"),
+        (lambda d: write(d / "onechoice.jsonl", [{**ROW, "choices": ["Brisk"]}]), "onechoice.jsonl: row 0 column 'choices'"),
     ],
 )
 def test_bad_data_file(capsys, tmp_path, make, expected):

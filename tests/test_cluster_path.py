@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,17 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 SECRETS = {"WANDB_API_KEY": "fake-wandb-key-5d1e0b77c2", "HF_TOKEN": "hf_fakeSmokeTokenNeverLogged9"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +46,7 @@ def head(tmp_path_factory):
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
                DATALAB_STORAGE=str(tmp / "home"), DATALAB_SECRETS_FILE=str(secrets), RAY_AUTH_MODE="disabled",
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))  # `python` is this env's
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     session = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     log = open(tmp / "ray-start.log", "w")
     proc = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
