@@ -112,7 +112,9 @@ def _grid(stage: Stage, runs: dict[str, LearnerRun], limit: int | None) -> dict:
     else:
         tuner = tune.Tuner(
             trainable, param_space=space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=n),
+            # a trial's process serves the next trial: its imports (torch, transformers, TRL: seconds
+            # of CPU each) are paid once per slot, not once per trial
+            tune_config=tune.TuneConfig(max_concurrent_trials=n, reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=stage.run.ray_storage,
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1),
         )

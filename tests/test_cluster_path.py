@@ -59,11 +59,14 @@ def head(tmp_path_factory):
         assert proc.poll() is None and time.time() < deadline, (tmp / "ray-start.log").read_text()[-3000:]
         time.sleep(2)
     yield {"address": address, "env": env, "assets": assets, "home": tmp / "home", "session": session}
-    os.killpg(proc.pid, signal.SIGTERM)  # `ray stop` would stop every Ray on the machine
+    # `ray stop` would stop every Ray on the machine. Ray's graceful stop takes about 30 s here;
+    # nothing of this throwaway head needs it, so after 5 s the whole process group is killed.
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
     shutil.rmtree(session, ignore_errors=True)
 
 

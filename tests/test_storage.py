@@ -5,6 +5,8 @@ The tiny falsity sweep (shrunk: this tests where things go, tests/test_falsity_s
 finding) runs with `storage=s3://...`; then, from another working directory with the node caches
 emptied, the same command skips every stage and writes the same summary.json; then a changed
 option redoes exactly the stages downstream of it, and never restores a stale Tune experiment.
+Montessori (shrunk the same way) runs up to its DPO stage on S3: warm-up task, probe actors, DPO
+learner; a changed DPO option then redoes exactly that stage.
 """
 
 from __future__ import annotations
@@ -91,12 +93,12 @@ def test_a_changed_ratio_redoes_exactly_mixtures_and_trials(falsity_on_s3, tmp_p
     cfg, summary, fs, root = falsity_on_s3
     before = manifests(fs, root)
     monkeypatch.chdir(tmp_path)
-    changed = cfg.model_copy(update={"ratios": [0.0, 0.5, 1.0]})
+    changed = cfg.model_copy(update={"ratios": [0.0, 0.5]})  # 2 trials: r0 and r0.5, a new Tune experiment
     out = falsity.run(changed)
     after = manifests(fs, root)
     redone = {s for s in FALSITY_STAGES if after[s] != before[s]}
     assert redone == {"mixtures", "trials"}, redone
-    assert sorted(r["ratio"] for r in out["rows"]) == [0.0, 0.5, 1.0]  # a new Tune experiment, not the stale one
+    assert sorted(r["ratio"] for r in out["rows"]) == [0.0, 0.5]  # a new Tune experiment, not the stale one
     assert len(fs.glob(f"{root}/ray/trials-*/")) >= 2
 
 
@@ -113,18 +115,20 @@ def test_a_changed_world_seed_redoes_every_stage(falsity_on_s3, tmp_path, monkey
     assert after["trials"] == before["trials"]  # not reached (stop_after), so not rebuilt either
 
 
-MONTESSORI_SMALL = ["run_id=s3", "seeds=[0]", "stop_after=it1-influence", "data.world.num_people=40",
+MONTESSORI_SMALL = ["run_id=s3", "seeds=[0]", "ablation=false", "stop_after=it1-dpo", "data.world.num_people=40",
                     "data.reference_people=4", "data.seed_size=40", "data.warmup_size=16", "data.reference_size=16",
                     "pretrain.max_steps=4", "pretrain.warmup_steps=1", "pretrain.save_steps=0.5",
-                    "teacher.sft.max_steps=4", "teacher.sft.warmup_steps=1", "teacher.sft_examples=64", "warmup.epochs=1",
-                    "probes.prompts=4", "probes.num_actors=2", "probes.batch_size=2"]
-MONTESSORI_STAGES = {"data", "tokenizer", "base_init", "pretrain", "teacher", "warmup", "it1-candidates", "it1-influence"}
+                    "teacher.sft.max_steps=4", "teacher.sft.warmup_steps=1", "teacher.sft_examples=64", "warmup.epochs=30",
+                    "probes.prompts=8", "probes.num_actors=2", "probes.batch_size=4"]
+MONTESSORI_STAGES = {"data", "tokenizer", "base_init", "pretrain", "teacher", "warmup", "it1-candidates", "it1-influence",
+                     "it1-pairs", "it1-dpo"}
 
 
-def test_montessori_warmup_and_probes_on_s3(ray_local, s3_server, tmp_path, monkeypatch):
+def test_montessori_warmup_probes_and_dpo_on_s3(ray_local, s3_server, tmp_path, monkeypatch):
     """The warm-up runs as a Ray task and the probes on 2 actors, each possibly on the other node:
-    the warm student, the probe shards and every stage land in the bucket; a second run from
-    another directory with emptied node caches skips every stage."""
+    the warm student, the probe shards, the DPO'd teacher and every stage land in the bucket; a
+    second run from another directory with emptied node caches skips every stage; a changed DPO
+    option redoes exactly the DPO stage (nothing upstream of it)."""
     from jobs import montessori
 
     preset = Path(__file__).resolve().parents[1] / "configs/montessori/tiny.yaml"
@@ -137,6 +141,7 @@ def test_montessori_warmup_and_probes_on_s3(ray_local, s3_server, tmp_path, monk
     assert fs.glob(f"{root}/warmup/s0/*.safetensors"), "the warm student is not in the bucket"
     assert fs.glob(f"{root}/it1-influence/**/shards/*.parquet") and fs.glob(f"{root}/it1-influence/**/scores.parquet")
     assert fs.glob(f"{root}/it1-candidates/**/shards/*.parquet"), "the generation shards are not in the bucket"
+    assert fs.glob(f"{root}/it1-dpo/**/model.safetensors"), "the DPO'd teacher is not in the bucket"
     assert fs.glob(f"{root}/ray/**/checkpoint_*"), "Ray Train's checkpoints are not in the bucket"
     other = tmp_path / "elsewhere"
     other.mkdir()
@@ -144,3 +149,9 @@ def test_montessori_warmup_and_probes_on_s3(ray_local, s3_server, tmp_path, monk
     empty_node_caches()
     montessori.run(cfg)
     assert manifests(fs, root) == first
+    changed = load_config(montessori.MontessoriOptions, str(preset),
+                          [*MONTESSORI_SMALL, f"storage={s3_server}/e2e", f"dpo.beta={cfg.dpo.beta * 2}"])
+    montessori.run(changed)
+    after = manifests(fs, root)
+    assert {s for s in MONTESSORI_STAGES if after[s] != first[s]} == {"it1-dpo"}
+    assert after["it1-dpo"]["hash"] != first["it1-dpo"]["hash"]

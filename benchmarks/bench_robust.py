@@ -1,0 +1,148 @@
+"""What each robust fine-tuning arm costs per token seen, against plain SFT, side by side in one run.
+
+Every arm trains the same model from the same init on the same table (augmentation: the same
+table plus one perturbed copy of each row) for the same number of steps, through the trainer its
+registered objective builds (`jobs/robust_objectives.py`, TRL's SFTTrainer underneath), in this
+process with 2 threads. The arms take turns, `--rounds` times over, so a slow patch of a shared
+machine hits them all; each arm's time per token is the median over rounds of its steps 2-N (the
+first step carries one-off costs). Goals (issue 10): augmentation and NEFTune at most 1.1x plain
+SFT per token, R3F at most 1.6x, the adversarial arm at most 2.2x.
+
+    python -m benchmarks.bench_robust [--steps 12] [--hidden 256] [--layers 4] [--rounds 2]
+
+Appends its table to benchmarks/RESULTS.md (section "Robust fine-tuning arms").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for k, v in {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+             "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}.items():
+    os.environ.setdefault(k, v)
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from cluster.learners import LearnerOptions, TrainerInputs, objective  # noqa: E402
+from cluster.models import TinyLlama, build_tiny_model, load_model, load_tokenizer, train_tokenizer  # noqa: E402
+from jobs import robust_objectives as R  # noqa: E402
+from synth import world as W  # noqa: E402
+from synth.perturb import perturb  # noqa: E402
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "## Robust fine-tuning arms (cost per token)"
+GOALS = {"augmentation": 1.1, "neftune": 1.1, "r3f": 1.6, "adversarial": 2.2}
+
+
+class _StepClock(TrainerCallback):
+    """Wall time and tokens at the end of every optimizer step."""
+
+    def __init__(self):
+        self.marks: list[tuple[float, int]] = []
+
+    def on_step_end(self, args, state, control, **kw):
+        self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+
+def tables(root: Path) -> tuple[str, str, dict[str, Dataset]]:
+    world = W.build_world(W.WorldOptions(num_people=120, bios_per_person=2))
+    tok = train_tokenizer(W.all_text(world), 1024, root / "tok")
+    rows = [{"prompt": W.format_prompt(r["question"]), "completion": r["true_response"]}
+            for r in W.questions(world, world.people, "all")]
+    copies = [{"prompt": W.format_prompt(perturb(q["question"], fam, 0.15, i, keep=(q["person"],))),
+               "completion": q["true_response"]}
+              for i, (q, fam) in enumerate(zip(W.questions(world, world.people, "all"), ["typo", "dropout", "distractor"] * 10**4))]
+    return str(root / "tok"), str(root), {"plain": Dataset.from_list(rows), "augmented": Dataset.from_list(rows + copies)}
+
+
+def arms() -> dict[str, tuple[LearnerOptions, str]]:
+    """arm -> (its options, its table); the options' class picks the objective."""
+    common = dict(learning_rate=1e-3, batch_size=16, max_length=128, warmup_steps=0, lr_scheduler="constant",
+                  save_steps=10**6, logging_steps=10**6)
+    return {
+        "plain SFT": (LearnerOptions(**common), "plain"),
+        "augmentation": (LearnerOptions(**common), "augmented"),
+        "neftune": (R.NEFTuneOptions(**common), "plain"),
+        "r3f": (R.R3FOptions(**common), "plain"),
+        "adversarial": (R.AdversarialOptions(**common), "plain"),
+    }
+
+
+def run_arm(name: str, opts: LearnerOptions, data: Dataset, model_dir: str, tok_dir: str, steps: int) -> float:
+    """Seconds per token over steps 2-N of one arm."""
+    phase = R.phase("train", "unused", opts)
+    obj = objective(phase.objective)
+    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=opts.batch_size, learning_rate=opts.learning_rate,
+                  max_steps=steps, lr_scheduler_type="constant", logging_steps=opts.logging_steps, save_strategy="no",
+                  report_to="none", use_cpu=True, bf16=False, seed=0, data_seed=0, disable_tqdm=True, max_length=opts.max_length,
+                  activation_checkpointing=False, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding")
+    args = obj.arguments(common, opts)
+    clock = _StepClock()
+    torch.manual_seed(0)
+    trainer = obj.trainer(TrainerInputs(model=load_model(model_dir), model_dir=model_dir, args=args, data=data,
+                                        tokenizer=load_tokenizer(tok_dir), callbacks=[clock], phase=phase, load_model=load_model))
+    trainer.train()
+    (ta, na), (tb, nb) = clock.marks[0], clock.marks[-1]
+    return (tb - ta) / (nb - na)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    root = Path(tempfile.mkdtemp(prefix="bench-robust-"))
+    tok_dir, _, data = tables(root)
+    tiny = TinyLlama(hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64,
+                     intermediate_size=a.hidden * 4, max_position_embeddings=256, vocab_size=1024)
+    model = build_tiny_model(tiny, load_tokenizer(tok_dir), 0, root / "model")
+    params = sum(q.numel() for q in model.parameters())
+    per_token: dict[str, list[float]] = {name: [] for name in arms()}
+    for r in range(a.rounds):
+        for name, (opts, table) in arms().items():
+            s = run_arm(name, opts, data[table], str(root / "model"), tok_dir, a.steps)
+            per_token[name].append(s)
+            print(f"round {r + 1}: {name}: {1 / s:,.0f} tokens/s", flush=True)
+    base = statistics.median(per_token["plain SFT"])
+    lines = [f"| arm | tokens/s (median of {a.rounds}) | cost per token vs plain SFT | goal |", "|---|---|---|---|"]
+    for name, xs in per_token.items():
+        ratio = statistics.median(xs) / base
+        goal = GOALS.get(name)
+        verdict = "" if goal is None else f"<= {goal}x: **{'met' if ratio <= goal else 'not met'}**"
+        lines.append(f"| {name} | {1 / statistics.median(xs):,.0f} | {ratio:.2f}x | {verdict} |")
+    aug_rows = len(data["augmented"]) / len(data["plain"])
+    text = "\n".join([
+        SECTION, "",
+        f"Command: `{' '.join(['python -m benchmarks.bench_robust', *sys.argv[1:]])}` — {time.strftime('%Y-%m-%d')}, "
+        f"2-core CPU, torch {torch.__version__}, 2 threads, load average {os.getloadavg()[0]:.1f} at the end.",
+        "",
+        f"Model: Llama {a.layers}x{a.hidden} ({params / 1e6:.1f}M parameters, fp32); {a.steps} steps of 16 world "
+        "questions with their answers (loss on the answers); each arm's trainer is the one its registered objective "
+        "builds. R3F and adversarial at their defaults; NEFTune alpha 5.",
+        "",
+        *lines, "",
+        "Augmentation runs plain SFT's step; what it adds per token comes from its rows: the perturbed copies "
+        "(typo, dropout, distractor at rate 0.15) are longer on average (a distractor adds a sentence), and a "
+        "batch pads to its longest row, so more of each step is padding and attention over longer rows. Per "
+        f"epoch it also trains on {aug_rows:.1f}x the rows (one perturbed copy of each).", "",
+    ])
+    print(text)
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    head, _, rest = old.partition(SECTION)
+    tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
+    RESULTS.write_text(head.rstrip() + "\n\n" + text + tail)
+
+
+if __name__ == "__main__":
+    main()
