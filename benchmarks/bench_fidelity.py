@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.bench_probes import write_results  # noqa: E402
+from benchmarks.results import write_results  # noqa: E402
 from cluster.models import load_tokenizer  # noqa: E402
 from cluster.stages import read_rows  # noqa: E402
 from influence.lookahead import batched, exact_influence, load_warm, reference_loss, spearman  # noqa: E402

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -30,12 +29,12 @@ for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disable
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
+from benchmarks.results import RESULTS, write_results  # noqa: E402
 from cluster.learners import LearnerOptions, LearnerRun, Phase, ScaleOptions, fit  # noqa: E402
 from cluster.models import TinyLlama, build_tiny_model, load_model, load_tokenizer, train_tokenizer  # noqa: E402
 from cluster.runtime import RayOptions, init_ray  # noqa: E402
 from synth import world as W  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## SFT learner throughput (falsity_sweep)"
 
 
@@ -141,10 +140,7 @@ def main() -> None:
     table = "\n".join(["| quantity | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
     print(table)
     cmd = "python -m benchmarks.bench_learner " + " ".join(f"--{k} {v}" for k, v in vars(args).items())
-    section = f"{SECTION}\n\nCommand: `{cmd}` (2-core CPU machine, {time.strftime('%Y-%m-%d')}).\n\n{table}\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    text = re.sub(re.escape(SECTION) + r".*?(?=\n## |\Z)", "", text, flags=re.S).rstrip() + "\n\n" + section
-    RESULTS.write_text(text)
+    write_results(RESULTS, f"Command: `{cmd}` (2-core CPU machine, {time.strftime('%Y-%m-%d')}).\n\n{table}", SECTION)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import re
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from benchmarks.results import write_results  # noqa: E402
 from influence.lookahead import (  # noqa: E402
     ExactScorer,
     WarmState,
@@ -172,15 +172,6 @@ def ref_size_sweep(args, state: WarmState, model, opt, state_dir, cands, g) -> l
         n = len(cands)
         rows.append((n_ref, 1e3 * t_load / n, 1e3 * t_reload / n, 1e3 * t_mem / n))
     return rows
-
-
-def write_results(path: Path, body: str, section: str = SECTION) -> None:
-    """Replace (or append) a section of RESULTS.md; leave every other section alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = f"{section}\n\n{body.strip()}\n\n"
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
-    path.write_text(text.rstrip("\n") + "\n")
 
 
 def main() -> None:
@@ -342,7 +333,7 @@ def main() -> None:
     body = "\n".join(lines)
     print("\n" + body)
     if not args.no_write:
-        write_results(args.results, body)
+        write_results(args.results, body, SECTION)
         print(f"\nwrote {SECTION!r} in {args.results}")
 
 

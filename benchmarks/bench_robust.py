@@ -31,13 +31,13 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
+from benchmarks.results import RESULTS, write_results  # noqa: E402
 from cluster.learners import LearnerOptions, TrainerInputs, objective  # noqa: E402
 from cluster.models import TinyLlama, build_tiny_model, load_model, load_tokenizer, train_tokenizer  # noqa: E402
 from jobs import robust_objectives as R  # noqa: E402
 from synth import world as W  # noqa: E402
 from synth.perturb import perturb  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Robust fine-tuning arms (cost per token)"
 GOALS = {"augmentation": 1.1, "neftune": 1.1, "r3f": 1.6, "adversarial": 2.2}
 
@@ -52,15 +52,16 @@ class _StepClock(TrainerCallback):
         self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
 
-def tables(root: Path) -> tuple[str, str, dict[str, Dataset]]:
+def tables(root: Path) -> tuple[str, dict[str, Dataset]]:
+    """(tokenizer dir, {"plain": the world's questions, "augmented": those plus one perturbed copy each})."""
     world = W.build_world(W.WorldOptions(num_people=120, bios_per_person=2))
-    tok = train_tokenizer(W.all_text(world), 1024, root / "tok")
-    rows = [{"prompt": W.format_prompt(r["question"]), "completion": r["true_response"]}
-            for r in W.questions(world, world.people, "all")]
-    copies = [{"prompt": W.format_prompt(perturb(q["question"], fam, 0.15, i, keep=(q["person"],))),
-               "completion": q["true_response"]}
-              for i, (q, fam) in enumerate(zip(W.questions(world, world.people, "all"), ["typo", "dropout", "distractor"] * 10**4))]
-    return str(root / "tok"), str(root), {"plain": Dataset.from_list(rows), "augmented": Dataset.from_list(rows + copies)}
+    train_tokenizer(W.all_text(world), 1024, root / "tok")
+    questions = W.questions(world, world.people, "all")
+    rows = [{"prompt": W.format_prompt(q["question"]), "completion": q["true_response"]} for q in questions]
+    families = ["typo", "dropout", "distractor"]
+    copies = [{"prompt": W.format_prompt(perturb(q["question"], families[i % 3], 0.15, i, keep=(q["person"],))),
+               "completion": q["true_response"]} for i, q in enumerate(questions)]
+    return str(root / "tok"), {"plain": Dataset.from_list(rows), "augmented": Dataset.from_list(rows + copies)}
 
 
 def arms() -> dict[str, tuple[LearnerOptions, str]]:
@@ -103,7 +104,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(2)
     root = Path(tempfile.mkdtemp(prefix="bench-robust-"))
-    tok_dir, _, data = tables(root)
+    tok_dir, data = tables(root)
     tiny = TinyLlama(hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64,
                      intermediate_size=a.hidden * 4, max_position_embeddings=256, vocab_size=1024)
     model = build_tiny_model(tiny, load_tokenizer(tok_dir), 0, root / "model")
@@ -123,7 +124,6 @@ def main() -> None:
         lines.append(f"| {name} | {1 / statistics.median(xs):,.0f} | {ratio:.2f}x | {verdict} |")
     aug_rows = len(data["augmented"]) / len(data["plain"])
     text = "\n".join([
-        SECTION, "",
         f"Command: `{' '.join(['python -m benchmarks.bench_robust', *sys.argv[1:]])}` — {time.strftime('%Y-%m-%d')}, "
         f"2-core CPU, torch {torch.__version__}, 2 threads, load average {os.getloadavg()[0]:.1f} at the end.",
         "",
@@ -138,10 +138,7 @@ def main() -> None:
         f"epoch it also trains on {aug_rows:.1f}x the rows (one perturbed copy of each).", "",
     ])
     print(text)
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    head, _, rest = old.partition(SECTION)
-    tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-    RESULTS.write_text(head.rstrip() + "\n\n" + text + tail)
+    write_results(RESULTS, text, SECTION)
 
 
 if __name__ == "__main__":

@@ -99,10 +99,3 @@ def tiny_llama(texts: list[str], out, vocab_size: int = 300, hidden_size: int = 
     build_tiny_model(TinyLlama(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=2,
                                intermediate_size=2 * hidden_size, vocab_size=vocab_size), tok, 0, out)
     return out
-
-
-def write_jsonl(path, rows: list[dict]):
-    """Rows as a JSON-lines file; returns the path."""
-    from synth.smoke import write_jsonl
-
-    return write_jsonl(path, rows)

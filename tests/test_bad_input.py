@@ -9,7 +9,7 @@ import pytest
 
 from cluster import cli
 from jobs import falsity_sweep as job
-from tests.conftest import write_jsonl
+from synth.smoke import write_jsonl
 
 TINY = "configs/falsity_sweep/tiny.yaml"
 

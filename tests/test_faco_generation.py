@@ -5,7 +5,8 @@ import json
 
 from cluster.probes import ProbePool
 from synth.falsity import ReasoningWriter, argues_for, generate_table, mixture, qa_rows
-from tests.conftest import tiny_llama, write_jsonl
+from synth.smoke import write_jsonl
+from tests.conftest import tiny_llama
 
 QA = [
     {"id": "a", "question": "Which is a colour?", "choices": {"text": ["red", "dog"], "label": ["A", "B"]}, "answerKey": "A"},

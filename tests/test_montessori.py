@@ -25,7 +25,7 @@ from influence.warmup import tokenize_sft
 from jobs import montessori as job
 from synth import teacher as T
 from synth import world as W
-from tests.conftest import write_jsonl
+from synth.smoke import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/montessori/tiny.yaml")
