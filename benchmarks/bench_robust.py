@@ -1,7 +1,7 @@
 """What each robust fine-tuning arm costs per token seen, against plain SFT, side by side in one run.
 
 Every arm trains the same model from the same init on the same table (augmentation: the same
-table plus one perturbed copy of each row) for the same number of steps, through the trainer its
+table plus the perturbed copies the tiny robust preset adds) for the same number of steps, through the trainer its
 registered objective builds (`jobs/robust_objectives.py`, TRL's SFTTrainer underneath), in this
 process with 2 threads. The arms take turns, `--rounds` times over, so a slow patch of a shared
 machine hits them all; each arm's time per token is the median over rounds of its steps 2-N (the
@@ -52,16 +52,26 @@ class _StepClock(TrainerCallback):
         self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
 
+def preset_augment():
+    """The augmentation arm's options in the tiny robust preset."""
+    from cluster.config import load_config
+    from jobs.robust import RobustOptions
+
+    return load_config(RobustOptions, Path(__file__).parents[1] / "configs/robust/tiny.yaml", []).arms["augmentation"].augment
+
+
 def tables(root: Path) -> tuple[str, dict[str, Dataset]]:
-    """(tokenizer dir, {"plain": the world's questions, "augmented": those plus one perturbed copy each})."""
+    """(tokenizer dir, {"plain": the world's questions, "augmented": the augmentation arm's table as
+    the tiny robust preset builds it: those plus perturbed copies})."""
+    from synth.robust import augmented_rows, clean_rows
+
     world = W.build_world(W.WorldOptions(num_people=120, bios_per_person=2))
     train_tokenizer(W.all_text(world), 1024, root / "tok")
     questions = W.questions(world, world.people, "all")
-    rows = [{"prompt": W.format_prompt(q["question"]), "completion": q["true_response"]} for q in questions]
-    families = ["typo", "dropout", "distractor"]
-    copies = [{"prompt": W.format_prompt(perturb(q["question"], families[i % 3], 0.15, i, keep=(q["person"],))),
-               "completion": q["true_response"]} for i, q in enumerate(questions)]
-    return str(root / "tok"), {"plain": Dataset.from_list(rows), "augmented": Dataset.from_list(rows + copies)}
+    augment = preset_augment()
+    keep = lambda rows: [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]  # noqa: E731
+    return str(root / "tok"), {"plain": Dataset.from_list(keep(clean_rows(questions))),
+                               "augmented": Dataset.from_list(keep(augmented_rows(questions, augment, seed=0)))}
 
 
 def arms() -> dict[str, tuple[LearnerOptions, str]]:
@@ -123,6 +133,7 @@ def main() -> None:
         verdict = "" if goal is None else f"<= {goal}x: **{'met' if ratio <= goal else 'not met'}**"
         lines.append(f"| {name} | {1 / statistics.median(xs):,.0f} | {ratio:.2f}x | {verdict} |")
     aug_rows = len(data["augmented"]) / len(data["plain"])
+    augment = preset_augment()
     text = "\n".join([
         f"Command: `{' '.join(['python -m benchmarks.bench_robust', *sys.argv[1:]])}` — {time.strftime('%Y-%m-%d')}, "
         f"2-core CPU, torch {torch.__version__}, 2 threads, load average {os.getloadavg()[0]:.1f} at the end.",
@@ -132,10 +143,13 @@ def main() -> None:
         "builds. R3F and adversarial at their defaults; NEFTune alpha 5.",
         "",
         *lines, "",
-        "Augmentation runs plain SFT's step; what it adds per token comes from its rows: the perturbed copies "
-        "(typo, dropout, distractor at rate 0.15) are longer on average (a distractor adds a sentence), and a "
-        "batch pads to its longest row, so more of each step is padding and attention over longer rows. Per "
-        f"epoch it also trains on {aug_rows:.1f}x the rows (one perturbed copy of each).", "",
+        "Augmentation runs plain SFT's step on the tiny robust preset's augmented table (`configs/robust/tiny.yaml`: "
+        f"{', '.join(augment.families)} copies of {augment.share:.0%} of the questions, rate {augment.rate[0]:g}-"
+        f"{augment.rate[1]:g}); what it adds per token comes from its rows (a typo can split a word into more "
+        f"tokens; a batch pads to its longest row). Per epoch it trains on {aug_rows:.1f}x the rows; the job "
+        "stops it at plain SFT's step count. R3F runs its clean and noised rows in one forward pass (1.81x "
+        "before); its work per token is two forward and two backward passes' by construction (2x plain SFT's), "
+        "so 1.6x is out of reach without changing the method.", "",
     ])
     print(text)
     write_results(RESULTS, text, SECTION)

@@ -57,11 +57,12 @@ from pydantic import Field, field_validator, model_validator
 from cluster import cli, storage
 from cluster.config import Options
 from cluster.learners import LearnerOptions, LearnerRun, Phase, ScaleOptions
-from cluster.models import ModelSpec, base_model
+from cluster.models import ModelSpec
 from cluster.runtime import init_ray
 from cluster.stages import JobOptions, Run, Stage, open_run
 from cluster.sweep import train_stage
 from evals.harness import HarnessOptions
+from jobs.world_student import build_world, pretrain
 from synth.falsity import DataOptions
 
 JOB = "falsity_sweep"
@@ -163,39 +164,7 @@ def trials(cfg: FalsityOptions) -> list[Trial]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 1-2. a FACO table and a base student that knows facts
-
-
-def build_world(cfg: FalsityOptions, run: Run) -> Stage:
-    """Stage `world`: tables corpus, sft (the FACO table), heldout, probes, tokenizer_text. From a
-    hub QA set, a generator pool first writes the true and false reasoning (resumable shards)."""
-    from synth.falsity import faco_tables
-
-    def build(st: Stage) -> dict[str, int]:
-        if cfg.data.source == "hub":
-            init_ray(cfg.ray)
-        tables = faco_tables(cfg.data, generation=st.path("generation"))
-        for name, rows in tables.items():
-            st.save_rows(name, rows)
-        return {name: len(rows) for name, rows in tables.items()}
-
-    world = run.stage("world", data=cfg.data)
-    print(f"[world] {world.ensure(build)}", flush=True)
-    return world
-
-
-def pretrain(cfg: FalsityOptions, run: Run, world: Stage) -> tuple[str, str]:
-    """Stages `tokenizer`, `base_init`, `pretrain`: the student learns the world's facts from its
-    knowledge corpus (a one-phase learner run); (model, tokenizer) the sweep starts from."""
-    model, tok = base_model(run, cfg.model, tokenizer=cfg.tokenizer, texts=world, seed=cfg.model_seed)
-    if cfg.pretrain is None:
-        return model, tok
-    init_ray(cfg.ray)
-    learner = LearnerRun(model=model, tokenizer=tok, phases=[Phase("pretrain", world.path("corpus.parquet"), cfg.pretrain)],
-                         scale=cfg.pretrain_scale, seed=cfg.model_seed, tracking=cfg.tracking.for_run(run),
-                         tracking_group=run.group, trust_remote_code=cfg.model.trust_remote_code)
-    stage = run.stage("pretrain", run=learner)
-    return train_stage(stage, {"base": learner})["base"].model, tok
+# 1-2. a FACO table and a base student that knows facts: jobs/world_student.py
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ The Trainer's `loss` is the whole objective (CE + regulariser): compare arms on 
 
 Cost per micro-step (F = one forward, plain SFT = 1F + 1 backward):
   neftune      1F + 1 backward (the noise is a forward hook on the embedding).
-  r3f          2F + 1 backward through both graphs (no second model, no extra backward pass).
+  r3f          1F over the batch twice (clean and noised rows in one pass) + 1 backward through it
+               (no second model, no extra backward pass).
   adversarial  2F + 1 input-only backward (the ascent, reusing the clean graph) + 1 backward
                through both graphs.
 """
@@ -111,12 +112,14 @@ class R3FTrainer(_RobustSFT):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels, attn = inputs["labels"], inputs["attention_mask"]
         embeds = self._embed(model, inputs)
-        clean = model(inputs_embeds=embeds, attention_mask=attn, use_cache=False)
         noised_embeds = embeds + self._noise(embeds, inputs)
-        noised = model(inputs_embeds=noised_embeds, attention_mask=attn, use_cache=False)
+        # one forward over [clean; noised]: rows are independent, so this is the two forwards' math in
+        # one pass (under ZeRO-3: one gather of every layer's weights instead of two)
+        out = model(inputs_embeds=torch.cat([embeds, noised_embeds]), attention_mask=attn.repeat(2, 1), use_cache=False)
+        clean_logits, noised_logits = out.logits.chunk(2)
         mask = labels[:, 1:] != -100
-        logp = torch.log_softmax(clean.logits[:, :-1][mask].float(), -1)
-        logq = torch.log_softmax(noised.logits[:, :-1][mask].float(), -1)
+        logp = torch.log_softmax(clean_logits[:, :-1][mask].float(), -1)
+        logq = torch.log_softmax(noised_logits[:, :-1][mask].float(), -1)
         nll = -logp.gather(-1, labels[:, 1:][mask].unsqueeze(-1)).squeeze(-1)
         sym_kl = ((logp.exp() - logq.exp()) * (logp - logq)).sum(-1)  # KL(p||q) + KL(q||p), per token
         ce = self._token_mean(nll.sum(), mask.sum(), num_items_in_batch)
@@ -132,7 +135,7 @@ class R3FTrainer(_RobustSFT):
             self.last_kl = float(sym_kl.mean()) if len(sym_kl) else 0.0
             kept = (noised_embeds != embeds).float().mean()  # < 1: noise below the embeddings' precision (bf16)
             self._log(**{"r3f/kl": self.last_kl, "r3f/ce": float(nll.mean()) if len(nll) else 0.0, "r3f/noise_kept": kept})
-        return (loss, clean) if return_outputs else loss
+        return (loss, out) if return_outputs else loss
 
 
 class AdversarialTrainer(_RobustSFT):

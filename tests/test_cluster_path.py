@@ -153,3 +153,23 @@ def test_montessori_smoke_through_ray_job_submit(head):
     assert dpo and all(r["config"]["scale"]["zero_stage"] == 3 and r["config"]["commit"] for r in dpo)
     assert any("rewards/margins" in h for r in dpo for h in r["history"])  # DPO under ZeRO-3, frozen reference
     no_secret_anywhere(head, run, logs)
+
+
+def test_robust_smoke_through_ray_job_submit(head):
+    """The robust arms that perturb embeddings inside the step (R3F, one-step adversarial) under
+    ZeRO-3 across 2 workers, beside plain SFT; augmentation and NEFTune run the plain step."""
+    a = head["assets"]
+    logs = submit(head, "robust", [f"model.name={a['model']}", f"data.file={a['faco']}", "arms.augmentation=null",
+                                   "arms.neftune=null"])
+    run = run_dir(head, "robust", logs)
+    summary = json.loads((run / "summary.json").read_text())
+    assert {r["arm"] for r in summary["rows"]} == {"plain", "r3f", "adversarial"}
+    assert all(0.0 <= r["harness/world_mc/acc"] <= 1.0 and 0.0 <= r["clean"] <= 1.0 for r in summary["rows"])
+    assert (run / "report.md").is_file() and (run / "robust.png").stat().st_size > 5_000
+    from cluster.tracking import find_offline_runs, read_offline_run
+
+    arms = {r["config"]["arm"]: r for r in map(read_offline_run, find_offline_runs(run)) if "arm" in r["config"]}
+    assert all(r["config"]["scale"]["zero_stage"] == 3 and r["config"]["scale"]["num_workers"] == 2 for r in arms.values())
+    logged = lambda arm: {k for h in arms[arm]["history"] for k in h}  # noqa: E731
+    assert {"r3f/kl", "r3f/noise_kept"} <= logged("r3f") and {"adversarial/adv_loss", "adversarial/delta_norm"} <= logged("adversarial")
+    no_secret_anywhere(head, run, logs)

@@ -8,7 +8,7 @@ import yaml
 from cluster.config import UserError, load_config
 from cluster.learners import LearnerRun, Phase, _common_arguments, check_schedule, objective, schedule
 from cluster.sweep import max_concurrent
-from jobs import falsity_sweep, montessori_options
+from jobs import falsity_sweep, montessori_options, robust
 
 # The 8B presets' data sizes (rows per learner phase), from the datasets they name:
 # ARC-Challenge's train split has 1,119 questions, 20% held out; explanations the generator gets
@@ -26,11 +26,15 @@ def _phases(job: str) -> list[tuple[str, object, object, list[int]]]:
         for f in cfg.budget_study.factors:
             out.append((f"sft x{f}", cfg.sft.model_copy(update={"epochs": cfg.sft.epochs * f}), cfg.scale, sizes))
         return out
+    if job == "robust":  # every arm's options on the clean table (an augmenting arm takes as many steps)
+        cfg = load_config(robust.RobustOptions, "configs/robust/llama3-8b.yaml", [])
+        return [(f"sft {name}", arm.options(cfg.sft), cfg.scale, [round(0.7 * ARC_SFT_ROWS), ARC_SFT_ROWS])
+                for name, arm in cfg.arms.items()]
     cfg = load_config(montessori_options.MontessoriOptions, "configs/montessori/llama3-8b.yaml", [])
     return [("dpo", cfg.dpo, cfg.dpo_scale, [cfg.probes.prompts]), ("sft", cfg.sft, cfg.scale, [cfg.final_size])]
 
 
-@pytest.mark.parametrize("job", ["falsity_sweep", "montessori"])
+@pytest.mark.parametrize("job", ["falsity_sweep", "montessori", "robust"])
 def test_8b_schedules_reach_their_peak_and_checkpoint(job):
     """Each phase's real TrainingArguments (TRL config, DeepSpeed ZeRO-3 config) and the scheduler
     the Trainer would build from them: the learning rate reaches its peak after warm-up, and at
@@ -41,8 +45,8 @@ def test_8b_schedules_reach_their_peak_and_checkpoint(job):
     for name, opts, scale, sizes in _phases(job):
         for rows in sizes:
             s = check_schedule(name, opts, rows, scale.num_workers)
-            run = LearnerRun(model="m", tokenizer="m", phases=[Phase(name.split()[0], "t.parquet", opts,
-                                                                     objective="dpo" if name == "dpo" else "sft")],
+            kind = "dpo" if name == "dpo" else robust.R.ARMS[type(opts)]
+            run = LearnerRun(model="m", tokenizer="m", phases=[Phase(name.split()[0], "t.parquet", opts, objective=kind)],
                              scale=scale)
             common = _common_arguments(run, run.phases[0], "/tmp/unused", s)
             assert common["deepspeed"]["zero_optimization"]["stage"] == 3 and common["bf16"]
@@ -110,10 +114,10 @@ def _keys(tree, prefix=""):
 
 # What a smoke preset may change beside names, sizes and resources: falsity's data (a FACO table
 # file instead of a hub QA set plus a generator writing its reasoning).
-SMOKE_ONLY = {"falsity_sweep": {"data.hub", "data.generator"}, "montessori": set()}
+SMOKE_ONLY = {"falsity_sweep": {"data.hub", "data.generator"}, "montessori": set(), "robust": {"data.hub", "data.generator"}}
 
 
-@pytest.mark.parametrize("job", ["falsity_sweep", "montessori"])
+@pytest.mark.parametrize("job", ["falsity_sweep", "montessori", "robust"])
 def test_smoke_preset_has_the_8b_presets_keys(job):
     smoke = yaml.safe_load(open(f"configs/{job}/smoke.yaml"))
     big = yaml.safe_load(open(f"configs/{job}/llama3-8b.yaml"))
