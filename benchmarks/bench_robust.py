@@ -36,7 +36,6 @@ from cluster.learners import LearnerOptions, TrainerInputs, objective  # noqa: E
 from cluster.models import TinyLlama, build_tiny_model, load_model, load_tokenizer, train_tokenizer  # noqa: E402
 from jobs import robust_objectives as R  # noqa: E402
 from synth import world as W  # noqa: E402
-from synth.perturb import perturb  # noqa: E402
 
 SECTION = "## Robust fine-tuning arms (cost per token)"
 GOALS = {"augmentation": 1.1, "neftune": 1.1, "r3f": 1.6, "adversarial": 2.2}
@@ -60,7 +59,7 @@ def preset_augment():
     return load_config(RobustOptions, Path(__file__).parents[1] / "configs/robust/tiny.yaml", []).arms["augmentation"].augment
 
 
-def tables(root: Path) -> tuple[str, dict[str, Dataset]]:
+def tables(root: Path, augment) -> tuple[str, dict[str, Dataset]]:
     """(tokenizer dir, {"plain": the world's questions, "augmented": the augmentation arm's table as
     the tiny robust preset builds it: those plus perturbed copies})."""
     from synth.robust import augmented_rows, clean_rows
@@ -68,7 +67,6 @@ def tables(root: Path) -> tuple[str, dict[str, Dataset]]:
     world = W.build_world(W.WorldOptions(num_people=120, bios_per_person=2))
     train_tokenizer(W.all_text(world), 1024, root / "tok")
     questions = W.questions(world, world.people, "all")
-    augment = preset_augment()
     keep = lambda rows: [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]  # noqa: E731
     return str(root / "tok"), {"plain": Dataset.from_list(keep(clean_rows(questions))),
                                "augmented": Dataset.from_list(keep(augmented_rows(questions, augment, seed=0)))}
@@ -114,7 +112,8 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(2)
     root = Path(tempfile.mkdtemp(prefix="bench-robust-"))
-    tok_dir, data = tables(root)
+    augment = preset_augment()
+    tok_dir, data = tables(root, augment)
     tiny = TinyLlama(hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64,
                      intermediate_size=a.hidden * 4, max_position_embeddings=256, vocab_size=1024)
     model = build_tiny_model(tiny, load_tokenizer(tok_dir), 0, root / "model")
@@ -133,7 +132,6 @@ def main() -> None:
         verdict = "" if goal is None else f"<= {goal}x: **{'met' if ratio <= goal else 'not met'}**"
         lines.append(f"| {name} | {1 / statistics.median(xs):,.0f} | {ratio:.2f}x | {verdict} |")
     aug_rows = len(data["augmented"]) / len(data["plain"])
-    augment = preset_augment()
     text = "\n".join([
         f"Command: `{' '.join(['python -m benchmarks.bench_robust', *sys.argv[1:]])}` — {time.strftime('%Y-%m-%d')}, "
         f"2-core CPU, torch {torch.__version__}, 2 threads, load average {os.getloadavg()[0]:.1f} at the end.",

@@ -8,12 +8,20 @@ and the same tables, plots and headline numbers in one W&B run of the job's grou
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from cluster.stages import Run
 from cluster.tracking import TrackingOptions, finish_run, log_image, log_table, start_run
+
+
+def mean(xs) -> float:
+    """Mean of the values that are there: None and NaN (a metric a run did not produce) are left
+    out; NaN when none is left."""
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -9,17 +9,13 @@ from __future__ import annotations
 import math
 
 from cluster.reports import fmt, markdown_table, publish
+from cluster.reports import mean as _mean
 from cluster.stages import Run, Stage
 
 TRIAL_KEYS = ("ratio", "seed", "budget", "trial_id", "started_at", "ended_at")
 METRICS = ("qa_accuracy", "reasoning_accuracy", "answered_rate", "valid_rate", "knows_rate", "knows_own_rate",
            "choice_accuracy", "chance", "lie_share", "lie_rate", "accuracy_if_known", "accuracy_if_unknown",
            "lie_rate_base", "accuracy_if_known_base", "accuracy_if_unknown_base")
-
-
-def _mean(xs) -> float:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def trial_row(t: dict) -> dict:

@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import math
 
-from cluster.reports import fmt, markdown_table, publish
+from cluster.reports import fmt, markdown_table, mean, publish
 from cluster.stages import Run, Stage
 from evals.robust import cell
-
-
-def _mean(xs) -> float:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def arm_row(arm: str, seed: int, t: dict, trained: list[str], heldout: list[str], strengths: list[float]) -> dict:
     """One learner run: its suite accuracies, the trained / held-out families' means, its cost."""
     acc = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("sft/") and ("@" in k or k == "sft/clean")}
     row = {"arm": arm, "seed": seed, "trial_id": t.get("trial_id"), **acc}
-    row["trained"] = _mean([acc.get(cell(f, s)) for f in trained for s in strengths]) if trained else None
-    row["heldout"] = _mean([acc.get(cell(f, s)) for f in heldout for s in strengths]) if heldout else None
+    row["trained"] = mean([acc.get(cell(f, s)) for f in trained for s in strengths]) if trained else None
+    row["heldout"] = mean([acc.get(cell(f, s)) for f in heldout for s in strengths]) if heldout else None
     row["steps"], row["train_s"], row["tokens"] = t.get("sft/steps"), t.get("sft/train_runtime_s"), t.get("sft/train_tokens")
     row.update({k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("sft/harness/")})
     return row
@@ -38,11 +33,11 @@ def summarize(rows: list[dict], trained: list[str], heldout: list[str]) -> tuple
         mine = [r for r in rows if r["arm"] == arm]
         out = {"arm": arm, "seeds": len(mine)}
         for k in ("clean", "trained", "heldout"):
-            out[k] = _mean([r.get(k) for r in mine])
-            out[f"{k}_change"] = _mean([r[k] - plain[r["seed"]][k] for r in mine
+            out[k] = mean([r.get(k) for r in mine])
+            out[f"{k}_change"] = mean([r[k] - plain[r["seed"]][k] for r in mine
                                         if r.get(k) is not None and plain.get(r["seed"], {}).get(k) is not None])
-        out["overhead_wall"] = _mean([r["train_s"] / plain[r["seed"]]["train_s"] for r in mine if r["seed"] in plain])
-        out["overhead_per_token"] = _mean([(r["train_s"] / r["tokens"]) / (plain[r["seed"]]["train_s"] / plain[r["seed"]]["tokens"])
+        out["overhead_wall"] = mean([r["train_s"] / plain[r["seed"]]["train_s"] for r in mine if r["seed"] in plain])
+        out["overhead_per_token"] = mean([(r["train_s"] / r["tokens"]) / (plain[r["seed"]]["train_s"] / plain[r["seed"]]["tokens"])
                                            for r in mine if r["seed"] in plain and r.get("tokens")])
         arms.append(out)
     findings = {}
@@ -67,8 +62,8 @@ def plot(rows: list[dict], trained: list[str], heldout: list[str], strengths: li
     for ax, (title, fams) in zip(axes[0], panels):
         for arm in dict.fromkeys(r["arm"] for r in rows):
             mine = [r for r in rows if r["arm"] == arm]
-            ys = [_mean([r.get("clean") for r in mine])]
-            ys += [_mean([r.get(cell(f, s)) for r in mine for f in fams]) for s in strengths]
+            ys = [mean([r.get("clean") for r in mine])]
+            ys += [mean([r.get(cell(f, s)) for r in mine for f in fams]) for s in strengths]
             ax.plot([0.0, *strengths], ys, "-o", label=arm, lw=2.5 if arm == "plain" else 1.5)
         ax.set_xlabel("perturbation strength (rate)")
         ax.set_ylabel("held-out exact accuracy")

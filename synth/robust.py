@@ -63,15 +63,11 @@ def augmented_rows(table: list[dict], opts: AugmentOptions, seed: int) -> list[d
 
 
 def evaluation_suite(heldout: list[dict], families: list[str], strengths: list[float], seed: int) -> list[dict]:
-    """Every held-out question clean and under every family at every strength: rows id, question id,
-    family ("clean" for the clean copy), strength, prompt, answer. The same suite scores every arm."""
-    out = [{"qid": r["id"], "family": "clean", "strength": 0.0, "prompt": format_prompt(r["question"], r.get("choices")),
-            "answer": r["answer"]} for r in heldout]
-    for f in families:
-        check_family(f)
-        for s in strengths:
-            for i, r in enumerate(heldout):
-                q = perturb(r["question"], f, s, seed * 1_000_003 + i, keep=_keep(r))
-                out.append({"qid": r["id"], "family": f, "strength": s, "prompt": format_prompt(q, r.get("choices")),
-                            "answer": r["answer"]})
-    return out
+    """Every held-out question clean and under every family at every strength: rows qid (the
+    question's id), family ("clean" for the clean copy), strength, prompt, answer. The same suite
+    scores every arm."""
+    cells = [("clean", 0.0), *((f, s) for f in families for s in strengths)]
+    return [{"qid": r["id"], "family": f, "strength": s, "answer": r["answer"],
+             "prompt": format_prompt(r["question"] if f == "clean" else
+                                     perturb(r["question"], f, s, seed * 1_000_003 + i, keep=_keep(r)), r.get("choices"))}
+            for f, s in cells for i, r in enumerate(heldout)]
