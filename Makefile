@@ -18,6 +18,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	# CPU torch first: a bare `torch` requirement would pull the CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# kronfluence (EK-FAC, LinFAC's comparison arm) without its declared deps: it names torchvision,
+	# whose PyPI wheel replaces the CPU torch; it never imports it. Its real needs are pinned here.
+	$(BIN)/python -m pip install -q --no-deps kronfluence==1.0.1 einconv==0.1.0 opt_einsum==3.4.0
 	touch $@
 
 run: $(BIN)/.installed
