@@ -111,3 +111,32 @@ def test_kronfluence_ekfac_through_our_task_follows_the_exact_influence_over_the
     assert info["modules"] == 14 and spearman(ek, real) >= 0.7
     with pytest.raises(ValueError, match="damping"):
         ekfac_influence(copy.deepcopy(model), rows[:8], rows[:2], damping=0.0)
+
+
+def test_grad_dot_is_each_examples_gradient_dotted_with_the_queries(fitted):
+    """Forward mode (one pass per batch) against reverse mode, one example at a time."""
+    from influence.baselines import grad_dot
+
+    model, train, queries = fitted
+    ours = grad_dot(model, train[:1], queries)
+    q = queries[0]
+    model.zero_grad()
+    L._summed_nll(model(input_ids=q["input_ids"], attention_mask=q["attention_mask"]).logits, q["labels"]).backward()
+    gq = [p.grad.clone() for p in model.parameters()]
+    for i, row in enumerate(_split(train[0])[:6]):
+        b = collate([row])
+        model.zero_grad()
+        L._summed_nll(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]).backward()
+        ref = sum(float((g * p.grad).sum()) for g, p in zip(gq, model.parameters()))
+        assert ours[i].item() == pytest.approx(ref, rel=1e-3, abs=1e-4)
+    model.zero_grad()
+
+
+def test_bm25_ranks_the_text_that_shares_the_querys_rare_words_first():
+    from influence.baselines import bm25
+
+    train = ["Where does Vorla Quen live? Reasoning: Vorla Quen lives in Brisk.",
+             "I want to follow Tamo Zell home tonight. Where does Tamo Zell live?",
+             "What pet does Kai Dorn keep? Reasoning: Kai Dorn keeps a cat."]
+    s = bm25(train, ["I want to follow Rell Sim home tonight."])
+    assert int(s.argmax()) == 1 and s[2] == 0
