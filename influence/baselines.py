@@ -28,14 +28,17 @@ def _per_example_nll(logits: Tensor, labels: Tensor) -> Tensor:
     return nll.sum(1)
 
 
-def grad_dot(model: nn.Module, train: Sequence[Batch], queries: Sequence[Batch]) -> Tensor:
-    """grad L(Q) . grad L(z) for every training example (in order); losses summed over response tokens."""
+def grad_dot(model: nn.Module, train: Sequence[Batch], queries: Sequence[Batch], contrast: Sequence[Batch] = ()) -> Tensor:
+    """grad M . grad L(z) for every training example (in order), M = L(Q) - L(contrast); losses
+    summed over response tokens."""
     model.eval()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
-    for q in queries:
-        q = to_device(q, model)
-        _per_example_nll(model(input_ids=q["input_ids"], attention_mask=q["attention_mask"]).logits, q["labels"]).sum().backward()
+    for sign, batches in ((1.0, queries), (-1.0, contrast)):
+        for q in batches:
+            q = to_device(q, model)
+            logits = model(input_ids=q["input_ids"], attention_mask=q["attention_mask"]).logits
+            (sign * _per_example_nll(logits, q["labels"]).sum()).backward()
     direction = {n: p.grad.detach().clone() for n, p in params.items()}
     model.zero_grad(set_to_none=True)
     detached = {n: p.detach() for n, p in params.items()}

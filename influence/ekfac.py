@@ -82,8 +82,10 @@ def _relative_damping(factor: float):
 
 
 def ekfac_influence(model: nn.Module, train: Sequence[Example], queries: Sequence[Example], *,
-                    damping: float = L.DAMPING, batch_size: int = 32, seed: int = 0) -> tuple[Tensor, dict]:
-    """I(z, Q) for every training example (queries summed), and {"fit_s", "score_s", "factor_numbers"}."""
+                    contrast: Sequence[Example] = (), damping: float = L.DAMPING, batch_size: int = 32,
+                    seed: int = 0) -> tuple[Tensor, dict]:
+    """I(z, Q) for every training example (queries summed; minus the same for `contrast`: scores
+    are linear in the measurement's gradient), and {"fit_s", "score_s", "factor_numbers", "modules"}."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
@@ -102,10 +104,12 @@ def ekfac_influence(model: nn.Module, train: Sequence[Example], queries: Sequenc
                            factor_args=FactorArguments(strategy="ekfac"))
         t1 = time.perf_counter()
         with _relative_damping(damping):
-            an.compute_pairwise_scores("s", "f", _Examples(queries), _Examples(train), per_device_query_batch_size=len(queries),
+            measured = [*queries, *contrast]
+            an.compute_pairwise_scores("s", "f", _Examples(measured), _Examples(train), per_device_query_batch_size=len(measured),
                                        per_device_train_batch_size=batch_size, score_args=ScoreArguments(damping_factor=None))
         t2 = time.perf_counter()
-        scores = an.load_pairwise_scores("s")["all_modules"].sum(0)
+        pairwise = an.load_pairwise_scores("s")["all_modules"]  # [queries + contrast, train]
+        scores = pairwise[: len(queries)].sum(0) - pairwise[len(queries) :].sum(0)
         factors = an.load_all_factors("f")
         numbers = sum(v.numel() for name in ("activation_eigenvectors", "gradient_eigenvectors")
                       for v in factors[name].values())

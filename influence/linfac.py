@@ -295,10 +295,17 @@ def fit_factors(model: nn.Module, batches: Sequence[Batch], samples: int = 1) ->
 
 
 def influence(model: nn.Module, train: Sequence[Batch], queries: Sequence[Batch], factors: Factors,
-              damping: float = DAMPING) -> Tensor:
-    """I(z, Q) for every training example in `train` (in order), the queries' loss summed."""
+              damping: float = DAMPING, contrast: Sequence[Batch] | None = None) -> Tensor:
+    """I(z, Q) for every training example in `train` (in order), the queries' loss summed. With
+    `contrast` (the same prompts with the wanted response), the measurement is the queries' loss
+    minus the contrast's: what decides the behaviour (the unwanted answer over the wanted one),
+    with the tokens both share cancelled."""
     with eval_mode(model):
-        return scores(model, train, precondition(pseudo_gradient(model, queries), factors, damping))
+        g = pseudo_gradient(model, queries)
+        if contrast is not None:
+            c = pseudo_gradient(model, contrast)
+            g = {k: v - c[k] for k, v in g.items()}
+        return scores(model, train, precondition(g, factors, damping))
 
 
 def factor_sizes(model: nn.Module, linear_modules: Sequence[nn.Linear] | None = None) -> dict[str, int]:

@@ -97,6 +97,37 @@ def test_factor_sizes_linfac_against_ekfac(fitted):
                  "sublayers": 4, "linear_modules": 14}
 
 
+def contrast_of(queries):
+    """The queries' prompts with another response (the prompt itself, not reversed)."""
+    out = []
+    for b in queries:
+        rows = _split(b)
+        for r in rows:
+            n = sum(1 for x in r["labels"] if x == -100)
+            prompt = r["input_ids"][1:n]
+            r["input_ids"] = r["input_ids"][:n] + prompt
+            r["labels"] = [-100] * n + prompt
+        out.append(collate(rows))
+    return out
+
+
+def exact_contrast(model, train, queries, space):
+    q, _ = exact.exact_influence(copy.deepcopy(model), train, queries, space, damping=L.DAMPING)
+    c, _ = exact.exact_influence(copy.deepcopy(model), train, contrast_of(queries), space, damping=L.DAMPING)
+    return q - c
+
+
+def test_a_contrastive_measurement_is_ranked_as_the_exact_influence_of_the_loss_difference(fitted):
+    """Queries' loss minus the same prompts' loss under another response: LinFAC against the exact
+    influence of that difference (its space)."""
+    model, train, queries = fitted
+    ours = L.influence(model, train, queries, L.fit_factors(model, train, 2), contrast=contrast_of(queries))
+    truth = exact_contrast(model, train, queries, "linfac")
+    plain = L.influence(model, train, queries, L.fit_factors(model, train, 2))
+    print(f"\ncontrastive LinFAC vs exact: rho={spearman(ours, truth):.3f} (plain measurement: {spearman(plain, truth):.3f})")
+    assert spearman(ours, truth) >= 0.9
+
+
 @pytest.mark.slow
 def test_kronfluence_ekfac_through_our_task_follows_the_exact_influence_over_the_weights(fitted):
     """The comparison arm is wired right (sign, sampled labels, tracked modules, damping): its
@@ -106,8 +137,9 @@ def test_kronfluence_ekfac_through_our_task_follows_the_exact_influence_over_the
 
     model, train, queries = fitted
     rows = [r for b in train for r in _split(b)]
-    ek, info = ekfac_influence(copy.deepcopy(model), rows, _split(queries[0]))
-    real, _ = exact.exact_influence(copy.deepcopy(model), train, queries, "linear", damping=L.DAMPING)
+    ek, info = ekfac_influence(copy.deepcopy(model), rows, _split(queries[0]), contrast=_split(contrast_of(queries)[0]))
+    real = exact_contrast(model, train, queries, "linear")
+    print(f"\nEK-FAC vs exact over the weights (contrastive measurement): rho={spearman(ek, real):.3f}")
     assert info["modules"] == 14 and spearman(ek, real) >= 0.7
     with pytest.raises(ValueError, match="damping"):
         ekfac_influence(copy.deepcopy(model), rows[:8], rows[:2], damping=0.0)
