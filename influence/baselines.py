@@ -19,13 +19,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from influence.lookahead import IGNORE_INDEX, Batch, to_device
+from influence.lookahead import Batch, to_device, token_nll
 
 
 def _per_example_nll(logits: Tensor, labels: Tensor) -> Tensor:
-    targets = labels[:, 1:]
-    nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return nll.sum(1)
+    return token_nll(logits, labels).sum(1)
 
 
 def grad_dot(model: nn.Module, train: Sequence[Batch], queries: Sequence[Batch], contrast: Sequence[Batch] = ()) -> Tensor:

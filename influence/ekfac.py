@@ -24,25 +24,18 @@ import torch
 from torch import Tensor, nn
 
 from influence import linfac as L
-from influence.lookahead import IGNORE_INDEX, Example, collate
+from influence.lookahead import Example, collate
 
 
 def _task(model: nn.Module):
     from kronfluence.task import Task
 
-    inside = {id(m) for _, s in L.sublayers(model) for m in s.modules()}
-    tracked = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside]
+    tracked = [n for n, _ in L.sublayer_linears(model)]
 
     class ResponseLoss(Task):
         def compute_train_loss(self, batch, model, sample: bool = False) -> Tensor:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"]
-            if sample:
-                with torch.no_grad():
-                    probs = torch.softmax(logits[:, :-1].detach().float(), -1)
-                    draw = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:2])
-                labels = labels.clone()
-                labels[:, 1:] = torch.where(labels[:, 1:] == IGNORE_INDEX, labels[:, 1:], draw)
+            labels = L.sampled_labels(logits, batch["labels"], None) if sample else batch["labels"]
             return L._summed_nll(logits, labels)
 
         def compute_measurement(self, batch, model) -> Tensor:
@@ -95,7 +88,7 @@ def ekfac_influence(model: nn.Module, train: Sequence[Example], queries: Sequenc
     torch.manual_seed(seed)  # kronfluence's label sampling draws from torch's global RNG
     task, tracked = _task(model)
     model = prepare_model(model.eval(), task)
-    loader = DataLoaderKwargs(collate_fn=lambda rows: collate(rows), num_workers=0)
+    loader = DataLoaderKwargs(collate_fn=collate, num_workers=0)
     with tempfile.TemporaryDirectory(prefix="kronfluence-") as out:
         an = Analyzer("ekfac", model, task, cpu=True, disable_tqdm=True, output_dir=out)
         an.set_dataloader_kwargs(loader)

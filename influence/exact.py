@@ -55,11 +55,6 @@ def virtual_corrections(model: nn.Module, deltas: dict[str, Tensor], mask: Tenso
             h.remove()
 
 
-def _linear_names(model: nn.Module) -> list[str]:
-    inside = {id(m) for _, s in L.sublayers(model) for m in s.modules()}
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside]
-
-
 def _space(model: nn.Module, space: Space) -> tuple[dict[str, Tensor], list[tuple[str, int]]]:
     """The parameters at their current value, and the blocks (name, size) in flattening order."""
     if space == "linfac":
@@ -67,7 +62,7 @@ def _space(model: nn.Module, space: Space) -> tuple[dict[str, Tensor], list[tupl
         params = {n: torch.zeros(d, d, dtype=torch.float64) for n, _ in L.sublayers(model)}
     else:
         named = dict(model.named_parameters())
-        params = {f"{n}.weight": named[f"{n}.weight"].detach().double() for n in _linear_names(model)}
+        params = {f"{n}.weight": named[f"{n}.weight"].detach().double() for n, _ in L.sublayer_linears(model)}
     return params, [(n, p.numel()) for n, p in params.items()]
 
 

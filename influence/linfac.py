@@ -60,7 +60,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from influence.lookahead import IGNORE_INDEX, Batch, to_device
+from influence.lookahead import IGNORE_INDEX, Batch, to_device, token_nll
 
 DAMPING = 1.0  # x the mean corrected eigenvalue per sublayer (docs/lancet.md: how it was chosen)
 
@@ -75,6 +75,13 @@ def sublayers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for i, layer in enumerate(layers):
         out += [(f"layers.{i}.attn", layer.self_attn), (f"layers.{i}.ffn", layer.mlp)]
     return out
+
+
+def sublayer_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of every nn.Linear inside the sublayers (q, k, v, o, gate, up, down): the
+    part of the network LinFAC covers, and what EK-FAC and the exact influence over weights track."""
+    inside = {id(m) for _, s in sublayers(model) for m in s.modules()}
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside]
 
 
 class _Capture:
@@ -125,14 +132,13 @@ def _logits_and_capture(model: nn.Module, batch: Batch) -> tuple[Tensor, _Captur
 def _summed_nll(logits: Tensor, labels: Tensor) -> Tensor:
     """Sum over examples of each example's summed response-token NLL: per-example gradients of
     this are each example's own (examples do not interact)."""
-    targets = labels[:, 1:].to(logits.device)
-    return nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                       reduction="sum")
+    return token_nll(logits, labels).sum()
 
 
-def sampled_labels(logits: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+def sampled_labels(logits: Tensor, labels: Tensor, generator: torch.Generator | None) -> Tensor:
     """Labels drawn from the model's own next-token distribution at every response position (the
-    true Fisher = Gauss-Newton in expectation); -100 kept elsewhere."""
+    true Fisher = Gauss-Newton in expectation); -100 kept elsewhere. `generator` None: torch's
+    global RNG (kronfluence's convention)."""
     probs = torch.softmax(logits[:, :-1].detach().float(), -1)
     flat = probs.reshape(-1, probs.shape[-1]).cpu()
     draw = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:2]).to(labels.device)
@@ -169,8 +175,8 @@ def covariance_sums(model: nn.Module, batches: Sequence[Batch], key: str) -> dic
     gen = partition_generator(f"cov-{key}")
     out: dict[str, Tensor] = {}
     for b in batches:
+        m = to_device(b, model)["attention_mask"].bool()
         for name, (ds, kappa) in sublayer_grads(model, b, gen).items():
-            m = to_device(b, model)["attention_mask"].bool()
             k, g = kappa[m], ds[m]
             _add(out, f"{name}.A", k.T @ k)
             _add(out, f"{name}.S", g.T @ g)
@@ -308,16 +314,14 @@ def influence(model: nn.Module, train: Sequence[Batch], queries: Sequence[Batch]
         return scores(model, train, precondition(g, factors, damping))
 
 
-def factor_sizes(model: nn.Module, linear_modules: Sequence[nn.Linear] | None = None) -> dict[str, int]:
-    """Numbers stored in curvature factors: LinFAC (2 d x d per sublayer) and EK-FAC over the
-    given linear modules (in^2 + out^2 each; default every nn.Linear inside the sublayers)."""
-    subs = sublayers(model)
+def factor_sizes(model: nn.Module) -> dict[str, int]:
+    """Numbers stored in curvature factors: LinFAC (2 d x d per sublayer) and EK-FAC over every
+    nn.Linear inside the sublayers (in^2 + out^2 each)."""
+    subs, linears = sublayers(model), [m for _, m in sublayer_linears(model)]
     d = model.config.hidden_size
-    if linear_modules is None:
-        linear_modules = [m for _, s in subs for m in s.modules() if isinstance(m, nn.Linear)]
     return {"linfac": len(subs) * 2 * d * d,
-            "ekfac": sum(m.in_features**2 + m.out_features**2 for m in linear_modules),
-            "sublayers": len(subs), "linear_modules": len(linear_modules)}
+            "ekfac": sum(m.in_features**2 + m.out_features**2 for m in linears),
+            "sublayers": len(subs), "linear_modules": len(linears)}
 
 
 @contextlib.contextmanager
