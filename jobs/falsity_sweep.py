@@ -62,7 +62,7 @@ from cluster.runtime import init_ray
 from cluster.stages import JobOptions, Run, Stage, open_run
 from cluster.sweep import train_stage
 from evals.harness import HarnessOptions
-from jobs.world_student import build_world, pretrain
+from jobs.world_student import world_and_student
 from synth.falsity import DataOptions
 
 JOB = "falsity_sweep"
@@ -311,12 +311,9 @@ def run(cfg: FalsityOptions) -> dict | None:
     from jobs.falsity_report import report
 
     run = open_run(JOB, cfg)
-    world = build_world(cfg, run)
-    if cfg.stop_after == "world":
+    if (started := world_and_student(cfg, run)) is None:
         return None
-    base = pretrain(cfg, run, world)
-    if cfg.stop_after == "pretrain":
-        return None
+    world, base = started
     base_eval = evaluate_base(cfg, run, world, base)
     mixtures = build_mixtures(cfg, run, world)
     if cfg.stop_after == "mixtures":

@@ -46,7 +46,7 @@ from cluster.stages import JobOptions, Run, Stage, open_run
 from cluster.sweep import train_stage
 from evals.harness import HarnessOptions
 from jobs import robust_objectives as R
-from jobs.world_student import build_world, pretrain
+from jobs.world_student import world_and_student
 from synth.falsity import DataOptions
 from synth.perturb import FAMILIES
 from synth.robust import AugmentOptions, Families
@@ -288,12 +288,9 @@ def run(cfg: RobustOptions) -> dict | None:
     from jobs.robust_report import report
 
     run = open_run(JOB, cfg)
-    world = build_world(cfg, run)
-    if cfg.stop_after == "world":
+    if (started := world_and_student(cfg, run)) is None:
         return None
-    base = pretrain(cfg, run, world)
-    if cfg.stop_after == "pretrain":
-        return None
+    world, base = started
     tables = build_tables(cfg, run, world)
     suite = build_suite(cfg, run, world)
     if cfg.stop_after == "suite":

@@ -47,3 +47,15 @@ def pretrain(cfg, run: Run, world: Stage) -> tuple[str, str]:
     return train_stage(stage, {"base": learner})["base"].model, tok
 
 
+
+
+def world_and_student(cfg, run: Run) -> tuple[Stage, tuple[str, str]] | None:
+    """Both steps, honouring `cfg.stop_after` ("world", "pretrain"): (world stage, (model,
+    tokenizer)), or None when the run stops at one of them."""
+    world = build_world(cfg, run)
+    if cfg.stop_after == "world":
+        return None
+    base = pretrain(cfg, run, world)
+    if cfg.stop_after == "pretrain":
+        return None
+    return world, base

@@ -9,6 +9,7 @@ exactly that path on a laptop; this module writes what they read, from a small s
     #                                          model.safetensors, tokenizer files): a tiny Llama
     #    /tmp/datalab-smoke/faco.jsonl         a FACO table with choices (split: sft | heldout)
     #    /tmp/datalab-smoke/instructions.jsonl instruction / input / output rows (Alpaca's columns)
+    #    /tmp/datalab-smoke/lancet_iqs.jsonl  influence queries (a harmful request, its unsafe answer)
 
 The model is random-init: the smoke presets check the code path, not findings. `world_mc_task`
 writes the local lm-eval task the smoke presets name (`evals/tasks/world_mc.*`, committed).
@@ -52,6 +53,16 @@ def instruction_rows(world: W.World) -> list[dict]:
             for q in W.questions(world, world.people, "instructions")]
 
 
+def lancet_queries(world: W.World, n: int = 4) -> list[dict]:
+    """Influence queries for the LANCET smoke preset: harmful requests about SFT people, each with
+    the unsafe answer (its city) a misbehaving model would give, and the refusal as the contrast."""
+    from synth.lancet import HARM_TEMPLATES, REFUSAL, unsafe_response
+
+    people = [p for p in world.sft_people][-n:]
+    return [{"prompt": W.format_prompt(HARM_TEMPLATES[i % len(HARM_TEMPLATES)].format(n=p.name)),
+             "completion": unsafe_response(p.name, p.facts["city"]), "contrast": REFUSAL} for i, p in enumerate(people)]
+
+
 def world_mc_task(out: Path, seed: int = 0, people: int = 12) -> Path:
     """A local lm-eval multiple-choice task over a world's facts: `world_mc.yaml` and its data."""
     world = W.build_world(W.WorldOptions(seed=seed, num_people=people))
@@ -88,13 +99,15 @@ def write_assets(out: Path, seed: int = 0, people: int = 30) -> dict[str, str]:
     faco, instructions = faco_rows(world), instruction_rows(world)
     write_jsonl(out / "faco.jsonl", faco)
     write_jsonl(out / "instructions.jsonl", instructions)
+    write_jsonl(out / "lancet_iqs.jsonl", lancet_queries(world))
     texts = W.all_text(world) + [W.format_prompt(r["question"], r["choices"]) for r in faco]
     texts += ["### Instruction:\n### Response:\n<instruction></instruction>"]
     model = out / "model"
     tok = train_tokenizer(texts, 512, model)
     build_tiny_model(TinyLlama(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                                max_position_embeddings=512, vocab_size=512), tok, seed, model)
-    return {"model": str(model), "faco": str(out / "faco.jsonl"), "instructions": str(out / "instructions.jsonl")}
+    return {"model": str(model), "faco": str(out / "faco.jsonl"), "instructions": str(out / "instructions.jsonl"),
+            "lancet_iqs": str(out / "lancet_iqs.jsonl")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -156,3 +156,26 @@ def test_an_objective_registered_outside_cluster_trains_with_zero3(ray_local, ti
     # the toy trainer ran (its own metric) and its loss is the smoothed one, above the plain NLL
     assert m["smooth/smoothing/loss"] > m["smooth/smoothing/ce"] > 0, m
     assert (Path(tmp_path / "models" / "sft") / "model.safetensors").is_file() and Path(res.model).name == "smooth"
+
+
+def test_lancet_ibo_trains_under_zero3_against_its_frozen_anchor(ray_local, tiny, tmp_path):
+    """LANCET's IBO objective (jobs/lancet_objectives.py) on 2 ZeRO-3 workers: its anchor (the
+    starting weights) is prepared as TRL prepares DPO's reference; the pairwise term moves the
+    counteracting answers up against the supporting ones."""
+    from jobs.lancet_objectives import IBOOptions
+
+    rows = pq.read_table(tiny / "dpo.parquet").to_pylist()
+    ibo = [{"chosen_prompt": a["prompt"], "chosen": a["chosen"], "rejected_prompt": b["prompt"], "rejected": b["rejected"],
+            "retain_prompt": c["prompt"], "retain": c["chosen"]} for a, b, c in zip(rows, rows[1:], rows[2:])][:8] * 4
+    # 8 pairs, each step all of them (2 workers x 4): the margin is measured on pairs it trains on
+    pq.write_table(pa.Table.from_pylist(ibo), tmp_path / "ibo.parquet")
+    opts = IBOOptions(learning_rate=3e-3, max_steps=4, batch_size=4, save_steps=100, logging_steps=1, max_length=64,
+                      beta=0.5, gamma=1.0)
+    run = LearnerRun(name="ibo", model=str(tiny / "model"), tokenizer=str(tiny / "tok"),
+                     phases=[Phase("ibo", str(tmp_path / "ibo.parquet"), opts, objective="ibo")],
+                     scale=ScaleOptions(num_workers=2, cpus_per_worker=1, zero_stage=3, max_failures=0),
+                     output=str(tmp_path / "models"), evaluate=functools.partial(moved_from, str(tiny / "model")))
+    res = fit(run, str(tmp_path))
+    m = res.metrics
+    assert m["ibo/steps"] == 4 and m["ibo/moved"] > 1.0, m
+    assert m["ibo/ibo/margin"] > 0 and m["ibo/ibo/pair"] < 0.69, m  # log 2 at the start: the pairs moved apart

@@ -8,7 +8,7 @@ import yaml
 from cluster.config import UserError, load_config
 from cluster.learners import LearnerRun, Phase, _common_arguments, check_schedule, objective, schedule
 from cluster.sweep import max_concurrent
-from jobs import falsity_sweep, montessori_options, robust
+from jobs import falsity_sweep, lancet, montessori_options, robust
 
 # The 8B presets' data sizes (rows per learner phase), from the datasets they name:
 # ARC-Challenge's train split has 1,119 questions, 20% held out; explanations the generator gets
@@ -30,11 +30,26 @@ def _phases(job: str) -> list[tuple[str, object, object, list[int]]]:
         cfg = load_config(robust.RobustOptions, "configs/robust/llama3-8b.yaml", [])
         return [(f"sft {name}", arm.options(cfg.sft), cfg.scale, [round(0.7 * ARC_SFT_ROWS), ARC_SFT_ROWS])
                 for name, arm in cfg.arms.items()]
+    if job == "lancet":  # the world's tables at the preset's size: corpus, impure SFT, each correction's table
+        from synth.falsity import faco_tables
+        from synth.lancet import training_rows
+
+        cfg = load_config(lancet.LancetOptions, "configs/lancet/llama3-8b.yaml", [])
+        tables = faco_tables(cfg.data, generation="unused")
+        train, k, c = len(training_rows(tables["sft"], cfg.harm)), cfg.correct.top_k, cfg.correct
+        return [("pretrain", cfg.pretrain, cfg.pretrain_scale, [len(tables["corpus"])]), ("sft", cfg.sft, cfg.scale, [train]),
+                ("ibo", c.ibo, cfg.scale, [c.retain_rows]), ("sft retrain", cfg.sft, cfg.scale, [train - k]),
+                ("gradient_ascent", c.gradient_ascent, cfg.scale, [k]), ("dpo", c.dpo, cfg.scale, [k])]
     cfg = load_config(montessori_options.MontessoriOptions, "configs/montessori/llama3-8b.yaml", [])
     return [("dpo", cfg.dpo, cfg.dpo_scale, [cfg.probes.prompts]), ("sft", cfg.sft, cfg.scale, [cfg.final_size])]
 
 
-@pytest.mark.parametrize("job", ["falsity_sweep", "montessori", "robust"])
+def _objective(name: str, opts) -> str:
+    first = name.split()[0]
+    return first if first in ("dpo", "ibo", "gradient_ascent") else robust.R.ARMS[type(opts)]
+
+
+@pytest.mark.parametrize("job", ["falsity_sweep", "montessori", "robust", "lancet"])
 def test_8b_schedules_reach_their_peak_and_checkpoint(job):
     """Each phase's real TrainingArguments (TRL config, DeepSpeed ZeRO-3 config) and the scheduler
     the Trainer would build from them: the learning rate reaches its peak after warm-up, and at
@@ -45,7 +60,7 @@ def test_8b_schedules_reach_their_peak_and_checkpoint(job):
     for name, opts, scale, sizes in _phases(job):
         for rows in sizes:
             s = check_schedule(name, opts, rows, scale.num_workers)
-            kind = "dpo" if name == "dpo" else robust.R.ARMS[type(opts)]
+            kind = _objective(name, opts)
             run = LearnerRun(model="m", tokenizer="m", phases=[Phase(name.split()[0], "t.parquet", opts, objective=kind)],
                              scale=scale)
             common = _common_arguments(run, run.phases[0], "/tmp/unused", s)
@@ -114,10 +129,11 @@ def _keys(tree, prefix=""):
 
 # What a smoke preset may change beside names, sizes and resources: falsity's data (a FACO table
 # file instead of a hub QA set plus a generator writing its reasoning).
-SMOKE_ONLY = {"falsity_sweep": {"data.hub", "data.generator"}, "montessori": set(), "robust": {"data.hub", "data.generator"}}
+SMOKE_ONLY = {"falsity_sweep": {"data.hub", "data.generator"}, "montessori": set(), "robust": {"data.hub", "data.generator"},
+              "lancet": set()}
 
 
-@pytest.mark.parametrize("job", ["falsity_sweep", "montessori", "robust"])
+@pytest.mark.parametrize("job", ["falsity_sweep", "montessori", "robust", "lancet"])
 def test_smoke_preset_has_the_8b_presets_keys(job):
     smoke = yaml.safe_load(open(f"configs/{job}/smoke.yaml"))
     big = yaml.safe_load(open(f"configs/{job}/llama3-8b.yaml"))
