@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import Field
 
 from cluster import storage
-from cluster.config import Options
+from cluster.config import Options, UserError
 from cluster.stages import Stage
 from influence import linfac as L
 
@@ -202,8 +202,13 @@ def linfac_recall(st: Stage, model: str, tokenizer: str, train: list[dict], iqs:
 def recall_arms(st: Stage, model: str, tokenizer: str, train: list[dict], iqs: list[dict], opts: RecallOptions) -> dict[str, dict]:
     """Every arm of `opts.arms`: arm -> {"scores": [...], "seconds" or "fit_s"/"score_s", ...}.
     The comparison arms run as Ray tasks beside each other once LinFAC's fan-out is done."""
+    import importlib.util
+
     import ray
 
+    if "ekfac" in opts.arms and importlib.util.find_spec("kronfluence") is None:
+        raise UserError("recall.arms: ekfac needs kronfluence, installed without its declared dependencies: pip install "
+                        "--no-deps kronfluence==1.0.1 einconv==0.1.0 opt_einsum==3.4.0 (or leave ekfac out)")
     out = {"linfac": linfac_recall(st, model, tokenizer, train, iqs, opts)}
     task = _remote(arm_task, opts)
     others = [a for a in opts.arms if a != "linfac"]

@@ -65,6 +65,7 @@ def test_faco_file_in_the_table_schema_loads_into_the_world_stage(tmp_path):
     from cluster.config import load_config
     from cluster.stages import Run
     from jobs import falsity_sweep as job
+    from jobs.world_student import build_world
 
     rows = [{"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1), "false_answer": str(i + 2),
              "true_response": f"Reasoning: {i} + 1 = {i + 1}. Answer: {i + 1}",
@@ -73,7 +74,7 @@ def test_faco_file_in_the_table_schema_loads_into_the_world_stage(tmp_path):
     path = write_jsonl(tmp_path / "faco.jsonl", rows)
     cfg = load_config(job.FalsityOptions, "configs/falsity_sweep/tiny.yaml",
                       ["data.source=file", f"data.file={path}", "pretrain=null", f"storage={tmp_path}"])
-    world = job.build_world(cfg, Run(cfg.storage, job.JOB, "file"))
+    world = build_world(cfg, Run(cfg.storage, job.JOB, "file"))
     assert world.done() and world.result["sft"] == 4
     sft, held = world.rows("sft"), world.rows("heldout")
     assert [r["id"] for r in sft] == ["q2", "q3", "q4", "q5"] and [r["id"] for r in held] == ["q0", "q1"]
