@@ -14,6 +14,7 @@ import math
 from cluster.reports import fmt, markdown_table, mean, publish
 from cluster.stages import Run, Stage
 from jobs import lancet_recall as R
+from jobs.lancet import IMPURE
 
 AXES = ("unsafe_iq", "unsafe_seen", "unsafe_unseen", "utility")
 
@@ -100,7 +101,7 @@ def report(cfg, run: Run, impure, iqs: Stage, rec: Stage, corr: Stage, results: 
     imp = {**{k: impure.metrics.get(f"sft/{k}") for k in AXES},
            "unsafe_iq": sum(q["unsafe"] for q in marked) / len(marked) if marked else None}
     results = dict(results)
-    imp.update(results.pop((IMPURE_NAME, None), {}))  # its lm-eval scores, when the harness ran
+    imp.update(results.pop((IMPURE, None), {}))  # its lm-eval scores, when the harness ran
     rows = [method_row(m, s, t, m, imp) for (m, s), t in results.items()]
     methods, findings = summarize(rows)
     arms = [{"arm": a, **{k: v for k, v in m.items() if isinstance(v, (int, float))}} for a, m in rec.result.items()]
@@ -132,7 +133,7 @@ def report(cfg, run: Run, impure, iqs: Stage, rec: Stage, corr: Stage, results: 
              f"On LinFAC's top {cfg.correct.top_k} supporting rows ({fmt(corr.result['support_planted'])} of them planted) "
              f"and top {cfg.correct.top_k} counteracting rows ({fmt(corr.result['counter_refusals'])} refusals). "
              "Drops: 1 - unsafe rate / the impure model's (0.5 = halved); utility_change in accuracy points.", "",
-             *markdown_table([{"method": IMPURE_NAME, **imp}, *methods],
+             *markdown_table([{"method": IMPURE, **imp}, *methods],
                              ["method", "seeds", *AXES, "iq_drop", "unseen_drop", "utility_change"]),
              "", "![unsafe rate against utility](tradeoff.png)", "",
              "## Every run", "", *markdown_table(rows, ["method", "seed", *AXES, "iq_drop", "unseen_drop", "utility_change",
@@ -140,7 +141,7 @@ def report(cfg, run: Run, impure, iqs: Stage, rec: Stage, corr: Stage, results: 
              ""]
     if bench := [c for c in rows[0] if c.startswith("harness/")] if rows else []:
         lines += ["## Benchmarks (lm-evaluation-harness)", "",
-                  *markdown_table([{"method": IMPURE_NAME, **imp}, *rows], ["method", "seed", *bench]), ""]
+                  *markdown_table([{"method": IMPURE, **imp}, *rows], ["method", "seed", *bench]), ""]
     lines += ["## Findings", "", *[f"- {k}: {fmt(v)}" for k, v in findings.items()]]
     publish(run, cfg.tracking, summary=summary, report=lines,
             plots={"recall.png": lambda p: plot_recall(scores, list(rec.result), p),
@@ -148,5 +149,3 @@ def report(cfg, run: Run, impure, iqs: Stage, rec: Stage, corr: Stage, results: 
             tables={"lancet_recall": arms, "lancet_runs": rows, "lancet_methods": methods}, headline=findings)
     return summary
 
-
-IMPURE_NAME = "impure"
