@@ -29,7 +29,7 @@ run: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q --durations=15
 
-# the inner loop: everything but the end-to-end jobs and multi-worker learners (about 1.5 minutes)
+# the inner loop: everything but the end-to-end jobs and multi-worker learners (about 2 minutes)
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 

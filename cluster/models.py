@@ -171,7 +171,7 @@ def base_model(run, spec: ModelSpec, *, tokenizer: str | None, texts, seed: int,
                 check_tokenizer(tok)
             storage.upload(tmp, st.uri)
 
-    tok_stage = run.stage("tokenizer", texts=texts, tiny=tiny)
+    tok_stage = run.stage("tokenizer", shared=True, texts=texts, tiny=tiny)
     tok_stage.ensure(build_tokenizer)
     tok = load_tokenizer(tok_stage.local())
 
@@ -181,7 +181,7 @@ def base_model(run, spec: ModelSpec, *, tokenizer: str | None, texts, seed: int,
             print(f"[base] tiny Llama, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
             storage.upload(tmp, st.uri)
 
-    init = run.stage("base_init", tokenizer=tok_stage, seed=seed)
+    init = run.stage("base_init", shared=True, tokenizer=tok_stage, seed=seed)
     init.ensure(build_init)
     check_pair(init.local(), tok)
     return init.path(), tok_stage.path()

@@ -15,6 +15,12 @@ shards, say) for a retry with the same fingerprint, and is wiped first when the 
 
 Tables are Parquet files inside a stage (`save_rows` / `rows`); models and other directories are
 read through `local(...)`, a node-local copy downloaded once per node and fingerprint.
+
+A stage declared `shared=True` (the synthetic world, the tiny tokenizer, the pretrained student:
+what several jobs build alike) is also kept, when `DATALAB_STAGE_CACHE` names a directory, in
+`<cache>/<stage>-<fingerprint>/`: another run, of any job, whose stage has the same fingerprint
+copies it from there instead of building it again (the test suite pretrains each world's student
+once). The fingerprint covers every input, so a copy is exactly what a build would have made.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ import functools
 import hashlib
 import io
 import json
+import os
+import shutil
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel, Field
@@ -36,6 +45,7 @@ from cluster.tracking import TrackingOptions
 
 MANIFEST = "_stage.json"
 PENDING = "_pending.json"
+CACHE_ENV = "DATALAB_STAGE_CACHE"
 
 
 class Artifact(str):
@@ -106,8 +116,10 @@ class Run:
         """Where Ray Train and Tune keep checkpoints and experiment state for this run."""
         return storage.join(self.uri, "ray")
 
-    def stage(self, name: str, **inputs: Any) -> Stage:
-        return Stage(self, name, inputs)
+    def stage(self, name: str, *, shared: bool = False, **inputs: Any) -> Stage:
+        """Stage `name` of this run; `shared`: reuse a build of the same fingerprint from the
+        cross-run cache (`DATALAB_STAGE_CACHE`), and keep this one's there."""
+        return Stage(self, name, inputs, shared=shared)
 
     def wandb_dir(self, configured: str | None = None) -> str:
         """Where W&B's (local) files go: the preset's directory, else beside the stages, else (remote
@@ -137,8 +149,8 @@ class Run:
 class Stage:
     """One stage of a run: a URI, a fingerprint derived from its inputs, and a manifest."""
 
-    def __init__(self, run: Run, name: str, inputs: dict[str, Any]):
-        self.run, self.name = run, name
+    def __init__(self, run: Run, name: str, inputs: dict[str, Any], shared: bool = False):
+        self.run, self.name, self.shared = run, name, shared
         self.hash = fingerprint(name, inputs)
         self.uri = storage.join(run.uri, name)
 
@@ -172,13 +184,39 @@ class Stage:
         if (m := self._own_manifest()) is not None:
             return m.get("result")
         self._begin()
+        if (cached := self._cached()) is not None:
+            print(f"[{self.name}] copied from the stage cache ({cached})", flush=True)
+            storage.upload(cached, self.uri)
+            storage.write_bytes(self.path(MANIFEST), Path(f"{cached}.json").read_bytes())  # last
+            storage.remove(self.path(PENDING))
+            return self.result
         t0 = time.time()
         result = build(self)
         manifest = {"stage": self.name, "hash": self.hash, "completed_at": time.time(),
                     "seconds": time.time() - t0, "result": result}
-        storage.write_bytes(self.path(MANIFEST), json.dumps(manifest, default=_json_default).encode())
         storage.remove(self.path(PENDING))
+        storage.write_bytes(self.path(MANIFEST), json.dumps(manifest, default=_json_default).encode())
+        self._keep_in_cache()
         return json.loads(json.dumps(result, default=_json_default))
+
+    def _cache_entry(self) -> Path | None:
+        """Where this stage's copy lives in the cross-run cache (None: not shared, no cache): its
+        files in `<cache>/<stage>-<hash>/`, its manifest in `<...>.json`, written last."""
+        root = os.environ.get(CACHE_ENV)
+        return Path(root) / f"{self.name}-{self.hash}" if self.shared and root else None
+
+    def _cached(self) -> str | None:
+        entry = self._cache_entry()
+        return str(entry) if entry is not None and Path(f"{entry}.json").is_file() else None
+
+    def _keep_in_cache(self) -> None:
+        entry = self._cache_entry()
+        if entry is None or Path(f"{entry}.json").is_file():
+            return
+        shutil.rmtree(entry, ignore_errors=True)
+        shutil.copytree(storage.local_copy(self.uri, version=self.hash), entry,
+                        ignore=shutil.ignore_patterns(MANIFEST, PENDING))
+        Path(f"{entry}.json").write_bytes(storage.read_bytes(self.path(MANIFEST)))
 
     def _begin(self) -> None:
         """Keep an unfinished build of this fingerprint (its shards resume); wipe anything else."""

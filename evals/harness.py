@@ -131,3 +131,19 @@ def evaluate_with_harness(model_dir: str, opts: HarnessOptions, device: str = "c
         log_samples=False,  # per-sample outputs would stay in memory and are not reported
     )
     return flatten_results(results)
+
+
+def harness_stage(run, models: dict[str, str], opts: HarnessOptions | None, device: str,
+                  prefix: str = "harness") -> dict[str, dict[str, float]]:
+    """Stage `harness` of `run` (a `cluster.stages.Run`) when `opts` is set: each model (key ->
+    URI, counted by the fingerprint of the stage that holds it) on the lm-eval benchmarks, one Ray
+    task per model; key -> `<prefix>/<task>/<metric>`. No options: no stage, no scores."""
+    if opts is None:
+        return {}
+
+    def build(st) -> dict[str, dict]:
+        got = evaluate_models(models, opts, device)
+        return {k: {f"{prefix}/{m}": v for m, v in metrics.items()} for k, metrics in got.items()}
+
+    return run.stage("harness", models=models, harness=opts, device=device).ensure(build)
+

@@ -43,7 +43,7 @@ from cluster.models import ModelSpec
 from cluster.runtime import init_ray
 from cluster.stages import JobOptions, Run, Stage, open_run, read_rows
 from cluster.sweep import train_stage
-from evals.harness import HarnessOptions
+from evals.harness import HarnessOptions, harness_stage
 from jobs.lancet_objectives import IBOOptions
 from jobs.lancet_recall import RecallOptions
 from jobs.world_student import world_and_student
@@ -335,23 +335,10 @@ def correct(cfg: LancetOptions, run: Run, corr: Stage, iqs: Stage, tables: Stage
     stage = run.stage("correct", runs=runs)
     init_ray(cfg.ray)
     done = train_stage(stage, runs, max_concurrent_trials=cfg.max_concurrent_trials, grid=True)
-    scores = benchmark(cfg, run, {IMPURE: impure.model, **{k: t.model for k, t in done.items()}})
+    scores = harness_stage(run, {IMPURE: impure.model, **{k: t.model for k, t in done.items()}}, cfg.eval.harness,
+                           cfg.eval.device)
     return {(m, s): {"trial_id": done[f"{m}-s{s}"].trial_id, **done[f"{m}-s{s}"].metrics, **scores.get(f"{m}-s{s}", {})}
             for m, s in methods(cfg)} | ({(IMPURE, None): scores[IMPURE]} if IMPURE in scores else {})
-
-
-def benchmark(cfg: LancetOptions, run: Run, models: dict[str, str]) -> dict[str, dict]:
-    """Stage `harness` (when `eval.harness` is set): each model on the lm-eval benchmarks, one Ray
-    task per model; key -> `harness/<task>/<metric>`."""
-    if cfg.eval.harness is None:
-        return {}
-    from evals.harness import evaluate_models
-
-    def build(st: Stage) -> dict[str, dict]:
-        got = evaluate_models(models, cfg.eval.harness, cfg.eval.device)
-        return {k: {f"harness/{m}": v for m, v in metrics.items()} for k, metrics in got.items()}
-
-    return run.stage("harness", models=models, harness=cfg.eval.harness, device=cfg.eval.device).ensure(build)
 
 
 # ---------------------------------------------------------------------------------------------

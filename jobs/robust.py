@@ -44,7 +44,7 @@ from cluster.models import ModelSpec
 from cluster.runtime import init_ray
 from cluster.stages import JobOptions, Run, Stage, open_run
 from cluster.sweep import train_stage
-from evals.harness import HarnessOptions
+from evals.harness import HarnessOptions, harness_stage
 from jobs import robust_objectives as R
 from jobs.world_student import world_and_student
 from synth.falsity import DataOptions
@@ -223,26 +223,10 @@ def train_arms(cfg: RobustOptions, run: Run, tables: Stage, suite: Stage, base: 
     init_ray(cfg.ray)
     done = train_stage(stage, {key(a, s): r for (a, s), r in runs.items()}, max_concurrent_trials=cfg.max_concurrent_trials,
                        grid=True)
-    scores = benchmark(cfg, run, stage, runs)
+    scores = harness_stage(run, {key(a, s): stage.path(key(a, s), "sft") for a, s in runs}, cfg.eval.harness,
+                           cfg.eval.device, prefix="sft/harness")
     return {(a, s): {"trial_id": done[key(a, s)].trial_id, **done[key(a, s)].metrics, **scores.get(key(a, s), {})}
             for a, s in runs}
-
-
-def benchmark(cfg: RobustOptions, run: Run, arms: Stage, runs: dict) -> dict[str, dict]:
-    """Stage `harness` (when `eval.harness` is set): every arm's model on the lm-eval benchmarks
-    (clean inputs), one Ray task per model; key -> `sft/harness/<task>/<metric>`."""
-    if cfg.eval.harness is None:
-        return {}
-    from evals.harness import evaluate_models
-
-    models = {key(a, s): arms.path(key(a, s), "sft") for a, s in runs}
-
-    def build(st: Stage) -> dict[str, dict]:
-        scores = evaluate_models(models, cfg.eval.harness, cfg.eval.device)
-        return {k: {f"sft/harness/{m}": v for m, v in metrics.items()} for k, metrics in scores.items()}
-
-    stage = run.stage("harness", arms=arms, harness=cfg.eval.harness, device=cfg.eval.device)
-    return stage.ensure(build)
 
 
 # ---------------------------------------------------------------------------------------------

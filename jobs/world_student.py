@@ -28,7 +28,7 @@ def build_world(cfg, run: Run) -> Stage:
             st.save_rows(name, rows)
         return {name: len(rows) for name, rows in tables.items()}
 
-    world = run.stage("world", data=cfg.data)
+    world = run.stage("world", shared=True, data=cfg.data)
     print(f"[world] {world.ensure(build)}", flush=True)
     return world
 
@@ -43,7 +43,7 @@ def pretrain(cfg, run: Run, world: Stage) -> tuple[str, str]:
     learner = LearnerRun(model=model, tokenizer=tok, phases=[Phase("pretrain", world.path("corpus.parquet"), cfg.pretrain)],
                          scale=cfg.pretrain_scale, seed=cfg.model_seed, tracking=cfg.tracking.for_run(run),
                          tracking_group=run.group, trust_remote_code=cfg.model.trust_remote_code)
-    stage = run.stage("pretrain", run=learner)
+    stage = run.stage("pretrain", shared=True, run=learner)
     return train_stage(stage, {"base": learner})["base"].model, tok
 
 

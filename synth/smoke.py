@@ -10,6 +10,7 @@ exactly that path on a laptop; this module writes what they read, from a small s
     #    /tmp/datalab-smoke/faco.jsonl         a FACO table with choices (split: sft | heldout)
     #    /tmp/datalab-smoke/instructions.jsonl instruction / input / output rows (Alpaca's columns)
     #    /tmp/datalab-smoke/lancet_iqs.jsonl  influence queries (a harmful request, its unsafe answer)
+#    /tmp/datalab-smoke/gradmatch.jsonl    labelled texts, SST-2's shape (text, label, split: train | test)
 
 The model is random-init: the smoke presets check the code path, not findings. `world_mc_task`
 writes the local lm-eval task the smoke presets name (`evals/tasks/world_mc.*`, committed).
@@ -63,6 +64,17 @@ def lancet_queries(world: W.World, n: int = 4) -> list[dict]:
              "completion": unsafe_response(p.name, p.facts["city"]), "contrast": REFUSAL} for i, p in enumerate(people)]
 
 
+def gradmatch_rows(world: W.World) -> list[dict]:
+    """The GRADMM world task's texts ("Oskar has a lizard." -> its town's flag) as table data, 70%
+    train and 30% test, the split a hub classification set comes with."""
+    from synth.classify import TaskOptions, world_rows
+
+    rows = world_rows(TaskOptions(), W.WorldOptions(seed=world.seed))
+    random.Random(world.seed + 11).shuffle(rows)
+    cut = int(0.7 * len(rows))
+    return [{"text": r["text"], "label": r["label"], "split": "train" if i < cut else "test"} for i, r in enumerate(rows)]
+
+
 def world_mc_task(out: Path, seed: int = 0, people: int = 12) -> Path:
     """A local lm-eval multiple-choice task over a world's facts: `world_mc.yaml` and its data."""
     world = W.build_world(W.WorldOptions(seed=seed, num_people=people))
@@ -100,14 +112,16 @@ def write_assets(out: Path, seed: int = 0, people: int = 30) -> dict[str, str]:
     write_jsonl(out / "faco.jsonl", faco)
     write_jsonl(out / "instructions.jsonl", instructions)
     write_jsonl(out / "lancet_iqs.jsonl", lancet_queries(world))
+    gradmatch = write_jsonl(out / "gradmatch.jsonl", gradmatch_rows(world))
     texts = W.all_text(world) + [W.format_prompt(r["question"], r["choices"]) for r in faco]
+    texts += [f"{json.loads(line)['text']} Answer: white black" for line in gradmatch.read_text().splitlines()]
     texts += ["### Instruction:\n### Response:\n<instruction></instruction>"]
     model = out / "model"
     tok = train_tokenizer(texts, 512, model)
     build_tiny_model(TinyLlama(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                                max_position_embeddings=512, vocab_size=512), tok, seed, model)
     return {"model": str(model), "faco": str(out / "faco.jsonl"), "instructions": str(out / "instructions.jsonl"),
-            "lancet_iqs": str(out / "lancet_iqs.jsonl")}
+            "lancet_iqs": str(out / "lancet_iqs.jsonl"), "gradmatch": str(gradmatch)}
 
 
 def main(argv: list[str] | None = None) -> int:

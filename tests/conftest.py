@@ -24,6 +24,9 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 # storage home for relative storage and W&B files of remote runs (never the checkout or ~)
 os.environ["DATALAB_CACHE"] = tempfile.mkdtemp(prefix="datalab-cache-")
 os.environ["DATALAB_STORAGE"] = tempfile.mkdtemp(prefix="datalab-home-")
+# stages declared shared (each world, its tokenizer, its pretrained student) are built once per
+# session and copied into every other job's run with the same fingerprint
+os.environ["DATALAB_STAGE_CACHE"] = tempfile.mkdtemp(prefix="datalab-stages-")
 # Ray's processes import this project (and tests/toy_objective.py) from the checkout
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))

@@ -8,7 +8,7 @@ import yaml
 from cluster.config import UserError, load_config
 from cluster.learners import LearnerRun, Phase, _common_arguments, check_schedule, objective, schedule
 from cluster.sweep import max_concurrent
-from jobs import falsity_sweep, lancet, montessori_options, robust
+from jobs import falsity_sweep, gradmatch, lancet, montessori_options, robust
 
 # The 8B presets' data sizes (rows per learner phase), from the datasets they name:
 # ARC-Challenge's train split has 1,119 questions, 20% held out; explanations the generator gets
@@ -40,6 +40,9 @@ def _phases(job: str) -> list[tuple[str, object, object, list[int]]]:
         return [("pretrain", cfg.pretrain, cfg.pretrain_scale, [len(tables["corpus"])]), ("sft", cfg.sft, cfg.scale, [train]),
                 ("ibo", c.ibo, cfg.scale, [c.retain_rows]), ("sft retrain", cfg.sft, cfg.scale, [train - k]),
                 ("gradient_ascent", c.gradient_ascent, cfg.scale, [k]), ("dpo", c.dpo, cfg.scale, [k])]
+    if job == "gradmatch":  # every arm's set: per_class texts per class
+        cfg = load_config(gradmatch.GradmatchOptions, "configs/gradmatch/llama3-8b.yaml", [])
+        return [("sft", cfg.finetune.sft, cfg.scale, [len(cfg.task.classes) * cfg.generation.per_class])]
     cfg = load_config(montessori_options.MontessoriOptions, "configs/montessori/llama3-8b.yaml", [])
     return [("dpo", cfg.dpo, cfg.dpo_scale, [cfg.probes.prompts]), ("sft", cfg.sft, cfg.scale, [cfg.final_size])]
 
@@ -49,7 +52,7 @@ def _objective(name: str, opts) -> str:
     return first if first in ("dpo", "ibo", "gradient_ascent") else robust.R.ARMS[type(opts)]
 
 
-@pytest.mark.parametrize("job", ["falsity_sweep", "montessori", "robust", "lancet"])
+@pytest.mark.parametrize("job", ["falsity_sweep", "montessori", "robust", "lancet", "gradmatch"])
 def test_8b_schedules_reach_their_peak_and_checkpoint(job):
     """Each phase's real TrainingArguments (TRL config, DeepSpeed ZeRO-3 config) and the scheduler
     the Trainer would build from them: the learning rate reaches its peak after warm-up, and at
@@ -130,10 +133,10 @@ def _keys(tree, prefix=""):
 # What a smoke preset may change beside names, sizes and resources: falsity's data (a FACO table
 # file instead of a hub QA set plus a generator writing its reasoning).
 SMOKE_ONLY = {"falsity_sweep": {"data.hub", "data.generator"}, "montessori": set(), "robust": {"data.hub", "data.generator"},
-              "lancet": set()}
+              "lancet": set(), "gradmatch": set()}
 
 
-@pytest.mark.parametrize("job", ["falsity_sweep", "montessori", "robust", "lancet"])
+@pytest.mark.parametrize("job", ["falsity_sweep", "montessori", "robust", "lancet", "gradmatch"])
 def test_smoke_preset_has_the_8b_presets_keys(job):
     smoke = yaml.safe_load(open(f"configs/{job}/smoke.yaml"))
     big = yaml.safe_load(open(f"configs/{job}/llama3-8b.yaml"))

@@ -106,3 +106,29 @@ def test_relative_storage_never_lands_in_a_ray_job_working_dir(tmp_path, monkeyp
     assert storage.resolve("runs") == str(tmp_path / "shared" / "runs")
     assert storage.resolve("s3://bucket/runs/") == "s3://bucket/runs" and storage.resolve("/abs") == "/abs"
     assert os.path.isabs(storage.resolve("file://rel"))
+
+
+def test_a_shared_stage_is_built_once_across_runs_and_jobs(root, tmp_path, monkeypatch):
+    """`shared=True` with DATALAB_STAGE_CACHE: another run (another job) with the same fingerprint
+    copies the stage instead of building it; a different fingerprint, an unshared stage, or a cache
+    entry whose manifest was never written (a copy cut short) builds."""
+    from cluster.stages import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    built = []
+
+    def build(st):
+        built.append(st.run.run_id)
+        storage.write_bytes(st.path("model", "weights.bin"), f"from {st.run.run_id}".encode())
+        return {"by": st.run.run_id}
+
+    assert Run(root, "job_a", "r1").stage("pretrain", shared=True, seed=0).ensure(build) == {"by": "r1"}
+    other = Run(root, "job_b", "r2")
+    assert other.stage("pretrain", shared=True, seed=0).ensure(build) == {"by": "r1"}  # copied, not built
+    assert storage.read_bytes(other.stage("pretrain", shared=True, seed=0).path("model", "weights.bin")) == b"from r1"
+    assert other.stage("pretrain", shared=True, seed=0).done() and built == ["r1"]
+    assert Run(root, "job_b", "r3").stage("pretrain", shared=True, seed=1).ensure(build) == {"by": "r3"}
+    assert Run(root, "job_b", "r4").stage("pretrain", seed=0).ensure(build) == {"by": "r4"}
+    assert built == ["r1", "r3", "r4"]
+    (tmp_path / "cache" / f"pretrain-{other.stage('pretrain', shared=True, seed=0).hash}.json").unlink()  # as if the copy into the cache had stopped before its manifest
+    assert Run(root, "job_c", "r5").stage("pretrain", shared=True, seed=0).ensure(build) == {"by": "r5"}
