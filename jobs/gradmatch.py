@@ -167,7 +167,7 @@ def resolved(cfg: GradmatchOptions, task: Stage, base: tuple[str, str]) -> GenOp
         from cluster.models import load_model
         from cluster.stages import fetch
 
-        size = float(load_model(fetch(base[0])).get_input_embeddings().weight.norm(dim=-1).mean())
+        size = float(load_model(fetch(base[0])).get_input_embeddings().weight.detach().norm(dim=-1).mean())
     return g.model_copy(update={"length": length, "init_size": round(size, 4)})
 
 

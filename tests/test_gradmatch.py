@@ -3,8 +3,8 @@ end to end on the tiny world (slow: Ray Tune trials for generation, Ray Tune + T
 fine-tuning, W&B offline).
 
 The end-to-end test runs world seeds 1 and 5 (the preset was chosen on worlds 4 and 2: docs/gradmatch.md),
-with two values of ρ and two fine-tuned arms over two seeds (world 5: no DP arm, GRADMM's set
-fine-tuned once; time), and asserts what the tiny world
+with two values of ρ and two fine-tuned arms, one seed each (world 5: no DP arm, GRADMM's set
+fine-tuned alone; time), and asserts what the tiny world
 reproduces of the paper: full GRADMM's synthetic set has a higher gradient cosine to the real
 examples' gradient than both generation baselines and than project-once, and every text is made of
 real, allowed tokens of the vocabulary. The paper's accuracy finding (GRADMM's set fine-tunes to a
@@ -29,7 +29,7 @@ from jobs import gradmatch as job
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/gradmatch/tiny.yaml")
 WORLDS = (1, 5)
-E2E = ["generation.rhos=[0.0003,0.001]", "finetune.arms=[zero_shot,gradmm]", "finetune.seeds=[0,1]"]
+E2E = ["generation.rhos=[0.0003,0.001]", "finetune.arms=[zero_shot,gradmm]", "finetune.seeds=[0]"]
 
 
 def run_cli(capsys, *argv):
@@ -161,13 +161,13 @@ def test_report_plots_wandb_and_a_rerun_that_skips_everything(gradmatch_runs):
     assert "arms.png" in report and "admm.png" in report and "| arm | cos_real | cos_dev |" in report
     assert all((run / p).stat().st_size > 10_000 for p in ("arms.png", "admm.png"))
     accs = [r for r in summary["rows"] if r["arm"] in ("gradmm", "zero_shot")]
-    assert len(accs) == 4 and all(0 <= r["accuracy"] <= 1 for r in accs)
+    assert len(accs) == 2 and all(0 <= r["accuracy"] <= 1 for r in accs)
     units = sorted(p.name for p in (run / "generation").glob("*/*.json"))
     assert len(units) == len(cfg.trials) * 2 * cfg.generation.rounds  # every trial x class x round on storage
     steps = json.loads((run / "generation/gradmm-rho0.001/0-r0.json").read_text())["history"]
     assert [h["step"] for h in steps] == list(range(1, cfg.generation.outer_steps + 1))
     wb = [read_offline_run(p) for p in find_offline_runs(run)]
-    assert sorted(r["config"].get("arm", "") for r in wb if "arm" in r["config"]) == ["gradmm", "gradmm", "zero_shot", "zero_shot"]
+    assert sorted(r["config"].get("arm", "") for r in wb if "arm" in r["config"]) == ["gradmm", "zero_shot"]
     manifests = {p.parent.name: p.stat().st_mtime for p in run.glob("*/_stage.json")}
     assert {"world", "pretrain", "task", "generation", "baselines", "arms", "finetune"} <= set(manifests)
     again = job.run(cfg)
