@@ -146,4 +146,3 @@ def harness_stage(run, models: dict[str, str], opts: HarnessOptions | None, devi
         return {k: {f"{prefix}/{m}": v for m, v in metrics.items()} for k, metrics in got.items()}
 
     return run.stage("harness", models=models, harness=opts, device=device).ensure(build)
-

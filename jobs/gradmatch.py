@@ -34,6 +34,7 @@ summary.json {"job", "run_id", "config", "task", "generation", "selected", "arms
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Literal
 
@@ -43,6 +44,7 @@ from cluster import cli, storage
 from cluster.config import Options, UserError
 from cluster.learners import LearnerOptions, LearnerRun, Phase, ScaleOptions
 from cluster.models import ModelSpec, base_model
+from cluster.reports import mean
 from cluster.runtime import init_ray
 from cluster.stages import JobOptions, Run, Stage, open_run
 from cluster.sweep import train_stage
@@ -133,7 +135,7 @@ def build_task(cfg: GradmatchOptions, run: Run, base: tuple[str, str]) -> Stage:
 
     def build(st: Stage) -> dict:
         tok = load_tokenizer(fetch(base[1]), cfg.model.trust_remote_code)
-        verbalizer_ids(tok, cfg.task.verbalizers)
+        verb = verbalizer_ids(tok, cfg.task.verbalizers)
         allowed = len(allowed_tokens(tok, cfg.generation.words_only))
         if cfg.generation.top_k > allowed:
             raise UserError(f"generation.top_k {cfg.generation.top_k} is larger than the {allowed} tokens a "
@@ -149,7 +151,7 @@ def build_task(cfg: GradmatchOptions, run: Run, base: tuple[str, str]) -> Stage:
         lengths = [len(tok(r["text"], add_special_tokens=False).input_ids) for r in rows if r["split"] == "real"]
         return {"real": sum(r["split"] == "real" for r in rows), "dev": sum(r["split"] == "dev" for r in rows),
                 "test": sum(r["split"] == "test" for r in rows), "real_mean_tokens": sum(lengths) / len(lengths),
-                "allowed_tokens": allowed}
+                "allowed_tokens": allowed, "verbalizer_ids": verb}
 
     stage = run.stage("task", tokenizer=base[1], task=cfg.task, data=cfg.data if cfg.task.source == "world" else None,
                       words_only=cfg.generation.words_only, per_class=cfg.generation.per_class)
@@ -157,18 +159,20 @@ def build_task(cfg: GradmatchOptions, run: Run, base: tuple[str, str]) -> Stage:
     return stage
 
 
-def resolved(cfg: GradmatchOptions, task: Stage, base: tuple[str, str]) -> GenOptions:
-    """The generation options with the defaults that depend on the data: length (the real texts'
-    mean) and init_size (the vocabulary's mean embedding norm, read from the model)."""
-    g = cfg.generation
-    length = g.length or max(1, round(task.result["real_mean_tokens"]))
-    size = g.init_size
-    if size is None:
-        from cluster.models import load_model
-        from cluster.stages import fetch
+def resolved(cfg: GradmatchOptions, task: Stage) -> GenOptions:
+    """The generation options with the length the data decides (null: the real texts' mean).
+    A null `init_size` is resolved in each generation trial, where the model is loaded."""
+    length = cfg.generation.length or max(1, round(task.result["real_mean_tokens"]))
+    return cfg.generation.model_copy(update={"length": length})
 
-        size = float(load_model(fetch(base[0])).get_input_embeddings().weight.detach().norm(dim=-1).mean())
-    return g.model_copy(update={"length": length, "init_size": round(size, 4)})
+
+def on_generation_device(cfg: GradmatchOptions, fn, *args):
+    """`fn(*args)` in a Ray task holding what a generation trial holds (a GPU on the cluster
+    presets): the driver's node may have none."""
+    import ray
+
+    init_ray(cfg.ray)
+    return ray.get(ray.remote(num_cpus=1, num_gpus=cfg.generation_gpus)(fn).remote(*args))
 
 
 def _generation_trial(config: dict) -> None:
@@ -226,33 +230,35 @@ def generate(cfg: GradmatchOptions, run: Run, task: Stage, base: tuple[str, str]
 def build_baselines(cfg: GradmatchOptions, run: Run, task: Stage, base: tuple[str, str], opts: GenOptions) -> Stage:
     """Stage `baselines`: per class, `per_class` texts of the zero-shot and few-shot generation arms
     (the LM's samples of `length` allowed tokens) and of a random real subset."""
+    stage = run.stage("baselines", task=task, model=base[0], opts=opts)
+    stage.ensure(lambda st: on_generation_device(cfg, _baselines, st, cfg, task, base, opts))
+    return stage
+
+
+def _baselines(st: Stage, cfg: GradmatchOptions, task: Stage, base: tuple[str, str], opts: GenOptions) -> dict:
+    """The build of `baselines`, in a Ray task on the generation device."""
     import torch
 
     from cluster.models import load_model, load_tokenizer
     from cluster.stages import fetch
     from synth.gradmatch import allowed_tokens, sample, text_ids
 
-    def build(st: Stage) -> dict:
-        tok = load_tokenizer(fetch(base[1]), cfg.model.trust_remote_code)
-        model = load_model(fetch(base[0])).to(cfg.generation_device)
-        allowed = allowed_tokens(tok, opts.words_only)
-        real, pool = task.rows("real"), task.rows("pool")
-        gen = torch.Generator().manual_seed(opts.seed)
-        rng = random.Random(opts.seed)
-        out = {}
-        for c in range(len(cfg.task.classes)):
-            mine = [r["text"] for r in real if r["label"] == c]
-            demos = [" ".join(rng.sample(mine, opts.few_shot)) for _ in range(opts.per_class)]
-            out[c] = {"zero_shot": sample(model, tok, [""] * opts.per_class, opts.length, allowed, gen),
-                      "few_shot": sample(model, tok, demos, opts.length, allowed, gen),
-                      "real_subset": text_ids(tok, rng.sample(mine + [r["text"] for r in pool if r["label"] == c],
-                                                              opts.per_class))}
-            print(f"[baselines] class {cfg.task.classes[c]}: {opts.per_class} texts per arm", flush=True)
-        return out
-
-    stage = run.stage("baselines", task=task, model=base[0], opts=opts)
-    stage.ensure(build)
-    return stage
+    tok = load_tokenizer(fetch(base[1]), cfg.model.trust_remote_code)
+    model = load_model(fetch(base[0])).to(cfg.generation_device)
+    allowed = allowed_tokens(tok, opts.words_only)
+    real, pool = task.rows("real"), task.rows("pool")
+    gen = torch.Generator().manual_seed(opts.seed)
+    rng = random.Random(opts.seed)
+    out = {}
+    for c in range(len(cfg.task.classes)):
+        mine = [r["text"] for r in real if r["label"] == c]
+        demos = [" ".join(rng.sample(mine, opts.few_shot)) for _ in range(opts.per_class)]
+        out[c] = {"zero_shot": sample(model, tok, [""] * opts.per_class, opts.length, allowed, gen),
+                  "few_shot": sample(model, tok, demos, opts.length, allowed, gen),
+                  "real_subset": text_ids(tok, rng.sample(mine + [r["text"] for r in pool if r["label"] == c],
+                                                          opts.per_class))}
+        print(f"[baselines] class {cfg.task.classes[c]}: {opts.per_class} texts per arm", flush=True)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,95 +270,104 @@ def score_arms(cfg: GradmatchOptions, run: Run, task: Stage, gen: Stage, baselin
     """Stage `arms`: ρ selected per method on the dev gradient; per arm and class the texts (as
     decoded: what fine-tuning reads), their gradient cosine to the real and dev gradients (for
     `continuous`, of the embeddings), perplexity under the student, and each arm's SFT table."""
+    stage = run.stage("arms", task=task, generation=gen, baselines=baselines, model=base[0], suffix=cfg.task.suffix,
+                      verbalizers=cfg.task.verbalizers)
+    stage.ensure(lambda st: on_generation_device(cfg, _arms, st, cfg, task, gen, baselines, base, opts))
+    return stage
+
+
+def _arms(st: Stage, cfg: GradmatchOptions, task: Stage, gen: Stage, baselines: Stage, base: tuple[str, str],
+          opts: GenOptions) -> dict:
+    """The build of `arms`, in a Ray task on the generation device."""
     import torch
-    from safetensors.torch import load
 
     from cluster.models import load_model, load_tokenizer
     from cluster.stages import fetch
     from synth import gradmatch as G
 
-    def build(st: Stage) -> dict:
-        tok = load_tokenizer(fetch(base[1]), cfg.model.trust_remote_code)
-        model = load_model(fetch(base[0])).to(cfg.generation_device)
-        m = G.matcher(model, tok, cfg.task.suffix, opts.words_only)
-        verb = G.verbalizer_ids(tok, cfg.task.verbalizers)
-        classes = range(len(cfg.task.classes))
+    tok = load_tokenizer(fetch(base[1]), cfg.model.trust_remote_code)
+    model = load_model(fetch(base[0])).to(cfg.generation_device)
+    m = G.matcher(model, tok, cfg.task.suffix, opts.words_only)
+    verb = task.result["verbalizer_ids"]
+    classes = range(len(cfg.task.classes))
 
-        def grads(split: str):
-            rows = task.rows(split)
-            return G.class_gradients(m, G.text_ids(tok, [r["text"] for r in rows]), [r["label"] for r in rows], verb)
+    def grads(split: str):
+        rows = task.rows(split)
+        return G.class_gradients(m, G.text_ids(tok, [r["text"] for r in rows]), [r["label"] for r in rows], verb)
 
-        real_t, dev_t = grads("real"), grads("dev")
+    real_t, dev_t = grads("real"), grads("dev")
 
-        def units(key: str, c: int) -> list[dict]:
-            import json
-            return [json.loads(storage.read_bytes(gen.path(key, f"{c}-r{r}.json"))) for r in range(opts.rounds)]
+    units = {t.key: {c: [G.read_unit(gen.path(t.key), c, r) for r in range(opts.rounds)] for c in classes}
+             for t in cfg.trials}
 
-        def retok(ids: list[list[int]]) -> tuple[list[str], list[list[int]]]:
-            texts = [tok.decode(s) for s in ids]
-            return texts, G.text_ids(tok, texts)
+    def retok(ids: list[list[int]]) -> tuple[list[str], list[list[int]]]:
+        texts = [tok.decode(s) for s in ids]
+        return texts, G.text_ids(tok, texts)
 
-        def score(ids_by_class: dict[int, list[list[int]]]) -> dict:
-            per = {}
-            for c in classes:
-                texts, ids = retok(ids_by_class[c])
-                per[c] = {"texts": texts, "ids": ids_by_class[c], "cos_real": G.set_cosine(m, ids, verb[c], real_t[c]),
-                          "cos_dev": G.set_cosine(m, ids, verb[c], dev_t[c]),
-                          "perplexity": G.perplexity(model, ids, m.bos_id)}
-            return per
-
-        from evals.classify import fewshot_predict
-
-        real_rows = task.rows("real")
-        rng = random.Random(opts.seed)
-        demos = [d for c in classes for d in rng.sample([r for r in real_rows if r["label"] == c], opts.few_shot)]
-        rng.shuffle(demos)
-        kept: dict[str, float] = {}
-
-        def chosen(key: str, c: int) -> list[list[int]]:
-            """The class's set: the candidates the filter keeps first (all, without the filter)."""
-            cands = [s for u in units(key, c) for s in u["ids"]]
-            if not opts.filter:
-                return cands[: opts.per_class]
-            labels = fewshot_predict(model, tok, [tok.decode(s) for s in cands], demos, cfg.task.suffix,
-                                     cfg.task.verbalizers, verb)
-            agree = [s for s, y in zip(cands, labels) if y == c]
-            kept[f"{key}/{c}"] = len(agree) / len(cands)
-            return (agree + [s for s, y in zip(cands, labels) if y != c])[: opts.per_class]
-
-        trials = {}
-        for t in cfg.trials:
-            trials[t.key] = score({c: chosen(t.key, c) for c in classes})
-        selected = {}
-        for method, arm in (("gradmm", "gradmm"), ("dp", "gradmm_dp")):
-            keys = [t.key for t in cfg.trials if t.method == method]
-            if keys:
-                selected[arm] = max(keys, key=lambda k: sum(trials[k][c]["cos_dev"] for c in classes))
-        arms = {"zero_shot": score({c: baselines.result[str(c)]["zero_shot"] for c in classes}),
-                "few_shot": score({c: baselines.result[str(c)]["few_shot"] for c in classes}),
-                "real_subset": score({c: baselines.result[str(c)]["real_subset"] for c in classes}),
-                "project_once": trials["once"], **{a: trials[k] for a, k in selected.items()}}
-        # the continuous upper bound: project-once's embeddings, before the projection
-        cont = {}
+    def score(ids_by_class: dict[int, list[list[int]]]) -> dict:
+        per = {}
         for c in classes:
-            xs = torch.cat([load(storage.read_bytes(gen.path("once", f"{c}-r{r}.safetensors")))["x"] for r in range(opts.rounds)])
-            with torch.no_grad():
-                h = m.hidden(xs.to(m.device))
-                lab = torch.full((h.shape[0],), verb[c], device=m.device)
-                cont[c] = {"cos_real": float(G.gradient_cosine(h, m.head, lab, real_t[c])),
-                           "cos_dev": float(G.gradient_cosine(h, m.head, lab, dev_t[c]))}
-        arms["continuous"] = cont
-        for arm in TEXT_ARMS:
-            if arm in arms:
-                st.save_rows(arm, [{"prompt": t + cfg.task.suffix, "completion": cfg.task.verbalizers[c]}
-                                   for c in classes for t in arms[arm][c]["texts"]])
-        return {"selected": selected, "arms": arms, "filter_agreement": kept, "trials": {k: {c: {x: v[c][x] for x in ("cos_real", "cos_dev")}
-                                                                     for c in classes} for k, v in trials.items()}}
+            texts, ids = retok(ids_by_class[c])
+            per[c] = {"texts": texts, "ids": ids_by_class[c], "cos_real": G.set_cosine(m, ids, verb[c], real_t[c]),
+                      "cos_dev": G.set_cosine(m, ids, verb[c], dev_t[c]),
+                      "perplexity": G.perplexity(model, ids, m.bos_id)}
+        return per
 
-    stage = run.stage("arms", task=task, generation=gen, baselines=baselines, model=base[0], suffix=cfg.task.suffix,
-                      verbalizers=cfg.task.verbalizers)
-    stage.ensure(build)
-    return stage
+    from evals.classify import fewshot_predict
+
+    real_rows = task.rows("real")
+    rng = random.Random(opts.seed)
+    demos = [d for c in classes for d in rng.sample([r for r in real_rows if r["label"] == c], opts.few_shot)]
+    rng.shuffle(demos)
+    kept: dict[str, float] = {}
+
+    def chosen(key: str, c: int) -> list[list[int]]:
+        """The class's set: the candidates the filter keeps first (all, without the filter)."""
+        cands = [s for u in units[key][c] for s in u["ids"]]
+        if not opts.filter:
+            return cands[: opts.per_class]
+        labels = fewshot_predict(model, tok, [tok.decode(s) for s in cands], demos, cfg.task.suffix,
+                                 cfg.task.verbalizers, verb)
+        agree = [s for s, y in zip(cands, labels) if y == c]
+        kept[f"{key}/{c}"] = len(agree) / len(cands)
+        return (agree + [s for s, y in zip(cands, labels) if y != c])[: opts.per_class]
+
+    trials = {}
+    for t in cfg.trials:
+        trials[t.key] = score({c: chosen(t.key, c) for c in classes})
+    selected = {}
+    for method, arm in (("gradmm", "gradmm"), ("dp", "gradmm_dp")):
+        keys = [t.key for t in cfg.trials if t.method == method]
+        if keys:
+            selected[arm] = max(keys, key=lambda k: sum(trials[k][c]["cos_dev"] for c in classes))
+    arms = {"zero_shot": score({c: baselines.result[str(c)]["zero_shot"] for c in classes}),
+            "few_shot": score({c: baselines.result[str(c)]["few_shot"] for c in classes}),
+            "real_subset": score({c: baselines.result[str(c)]["real_subset"] for c in classes}),
+            "project_once": trials["once"], **{a: trials[k] for a, k in selected.items()}}
+    # the continuous upper bound: project-once's embeddings, before the projection
+    cont = {}
+    for c in classes:
+        xs = torch.cat([G.read_x(gen.path("once"), c, r) for r in range(opts.rounds)])
+        with torch.no_grad():
+            h = m.hidden(xs.to(m.device))
+            lab = torch.full((h.shape[0],), verb[c], device=m.device)
+            cont[c] = {"cos_real": float(G.gradient_cosine(h, m.head, lab, real_t[c])),
+                       "cos_dev": float(G.gradient_cosine(h, m.head, lab, dev_t[c]))}
+    arms["continuous"] = cont
+    for arm in TEXT_ARMS:
+        if arm in arms:
+            st.save_rows(arm, [{"prompt": t + cfg.task.suffix, "completion": cfg.task.verbalizers[c]}
+                               for c in classes for t in arms[arm][c]["texts"]])
+    first = next(iter(units.values()))[0][0]  # every unit of the run starts at the same size
+    return {"selected": selected, "arms": arms, "filter_agreement": kept, "init_size": first["init_size"],
+            "trials": {k: {c: {x: v[c][x] for x in ("cos_real", "cos_dev")} for c in classes} for k, v in trials.items()},
+            "curves": {k: curve([u["history"] for per in units[k].values() for u in per]) for k in units}}
+
+
+def curve(histories: list[list[dict]]) -> list[dict]:
+    """A trial's outer steps, each cosine averaged over its classes and rounds."""
+    return [{"step": i + 1, **{k: mean([h[i].get(k) for h in histories]) for k in ("x_cosine", "z_cosine", "best")}}
+            for i in range(len(histories[0]))]
 
 
 def key(arm: str, seed: int) -> str:
@@ -362,16 +377,10 @@ def key(arm: str, seed: int) -> str:
 def finetune(cfg: GradmatchOptions, run: Run, task: Stage, arms: Stage, base: tuple[str, str]) -> dict[tuple[str, int], dict]:
     """Stage `finetune`: every text arm x seed, one learner run on the arm's table, evaluated on
     the test split; (arm, seed) -> metrics (`sft/accuracy`, ...)."""
-    import functools
-
-    from cluster.models import load_tokenizer
-    from cluster.stages import fetch
     from evals.classify import evaluate_classifier
-    from synth.gradmatch import verbalizer_ids
 
-    verb = verbalizer_ids(load_tokenizer(fetch(base[1]), cfg.model.trust_remote_code), cfg.task.verbalizers)
     evaluate = functools.partial(evaluate_classifier, test=task.path("test.parquet"), suffix=cfg.task.suffix,
-                                 verbalizer_ids=verb, device=cfg.eval.device)
+                                 verbalizer_ids=task.result["verbalizer_ids"], device=cfg.eval.device)
     todo = [a for a in cfg.finetune.arms if a in arms.result["arms"]]
     runs = {(a, s): LearnerRun(model=base[0], tokenizer=base[1], phases=[Phase("sft", arms.path(f"{a}.parquet"), cfg.finetune.sft)],
                                scale=cfg.scale, seed=s, evaluate=evaluate, tracking=cfg.tracking.for_run(run),
@@ -425,14 +434,14 @@ def run(cfg: GradmatchOptions) -> dict | None:
     task = build_task(cfg, run, base)
     if cfg.stop_after == "task":
         return None
-    opts = resolved(cfg, task, base)
+    opts = resolved(cfg, task)
     gen = generate(cfg, run, task, base, opts)
     if cfg.stop_after == "generation":
         return None
     baselines = build_baselines(cfg, run, task, base, opts)
     arms = score_arms(cfg, run, task, gen, baselines, base, opts)
     results = finetune(cfg, run, task, arms, base)
-    return report(cfg, run, task, gen, arms, opts, results)
+    return report(cfg, run, task, arms, opts, results)
 
 
 if __name__ == "__main__":

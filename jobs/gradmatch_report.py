@@ -9,10 +9,8 @@ Findings (differences of means, positive = the first arm ahead):
 
 from __future__ import annotations
 
-import json
 import statistics
 
-from cluster import storage
 from cluster.reports import fmt, markdown_table, mean, publish
 from cluster.stages import Run, Stage
 
@@ -43,17 +41,6 @@ def findings(rows: list[dict]) -> dict:
             out[f"cos/gradmm-{other}"] = by["gradmm"]["cos_real"] - by[other]["cos_real"]
     if "continuous" in by and "gradmm" in by:
         out["cos/continuous-gradmm"] = by["continuous"]["cos_real"] - by["gradmm"]["cos_real"]
-    return out
-
-
-def curves(gen: Stage, cfg, opts) -> dict[str, list[dict]]:
-    """Per trial, the mean over classes and rounds of each outer step's cosines."""
-    out = {}
-    for t in cfg.trials:
-        hist = [json.loads(storage.read_bytes(gen.path(t.key, f"{c}-r{r}.json")))["history"]
-                for c in range(len(cfg.task.classes)) for r in range(opts.rounds)]
-        out[t.key] = [{"step": i + 1, **{k: mean([h[i].get(k) for h in hist]) for k in ("x_cosine", "z_cosine", "best")}}
-                      for i in range(len(hist[0]))]
     return out
 
 
@@ -108,7 +95,7 @@ def plot_admm(curve: dict[str, list[dict]], path: str) -> None:
     plt.close(fig)
 
 
-def report(cfg, run: Run, task: Stage, gen: Stage, arms: Stage, opts, results: dict) -> dict:
+def report(cfg, run: Run, task: Stage, arms: Stage, opts, results: dict) -> dict:
     """summary.json, report.md, arms.png, admm.png and the W&B summary run; returns the summary."""
     res = arms.result
     rows = arm_rows(res["arms"], results)
@@ -120,12 +107,13 @@ def report(cfg, run: Run, task: Stage, gen: Stage, arms: Stage, opts, results: d
     trials = [{"trial": k, "cos_real": mean([v["cos_real"] for v in per.values()]),
                "cos_dev": mean([v["cos_dev"] for v in per.values()]),
                "selected": k in res["selected"].values()} for k, per in res["trials"].items()]
-    curve = curves(gen, cfg, opts)
+    curve = res["curves"]
     examples = {a: {cfg.task.classes[int(c)]: v["texts"][:3] for c, v in per.items() if "texts" in v}
                 for a, per in res["arms"].items()}
     summary = {"job": run.job, "run_id": run.run_id, "config": cfg.model_dump(mode="json"), "task": task.result,
-               "generation": opts.model_dump(mode="json"), "selected": res["selected"], "arms": rows, "rows": runs,
-               "trials": trials, "filter_agreement": res.get("filter_agreement", {}), "curves": curve, "examples": examples, "findings": found,
+               "generation": {**opts.model_dump(mode="json"), "init_size": res["init_size"]}, "selected": res["selected"], "arms": rows, "rows": runs,
+               "trials": trials, "filter_agreement": res.get("filter_agreement", {}), "curves": curve,
+               "examples": examples, "findings": found,
                "texts": {a: {c: v.get("ids") for c, v in per.items()} for a, per in res["arms"].items()}}
     t = cfg.task
     lines = [f"# GRADMM `{run.run_id}`", "",

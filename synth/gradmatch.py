@@ -415,11 +415,35 @@ class Trial:
         return self.method if self.rho is None else f"{self.method}-rho{self.rho:g}"
 
 
+def unit_uri(trial_dir: str, c: int, r: int, ext: str = "json") -> str:
+    """Where one class x round of a trial lives: `<trial_dir>/<class>-r<round>.json` (tokens,
+    cosines, the per-step history; written last) and `.safetensors` (the continuous solution)."""
+    from cluster import storage
+
+    return storage.join(trial_dir, f"{c}-r{r}.{ext}")
+
+
+def read_unit(trial_dir: str, c: int, r: int) -> dict:
+    import json
+
+    from cluster import storage
+
+    return json.loads(storage.read_bytes(unit_uri(trial_dir, c, r)))
+
+
+def read_x(trial_dir: str, c: int, r: int) -> torch.Tensor:
+    from safetensors.torch import load
+
+    from cluster import storage
+
+    return load(storage.read_bytes(unit_uri(trial_dir, c, r, "safetensors")))["x"]
+
+
 def run_trial(trial: Trial, *, model_dir: str, tokenizer_dir: str, real: list[dict], suffix: str, verbalizers: list[str],
               opts: GenOptions, out: str, device: str = "cpu", log: Callable[[str], None] = print) -> dict:
-    """Every class and round of one trial, each written to `<out>/<class>-r<round>.json` (tokens,
-    cosines, the per-step history) and `.safetensors` (the continuous solution) as it finishes: a
-    re-run redoes only the units whose file is missing. Returns {class index: [unit results]}."""
+    """Every class and round of one trial, each written as it finishes (`unit_uri`): a re-run
+    redoes only the units whose file is missing. `opts.init_size` null: the vocabulary's mean
+    embedding norm, read here where the model is loaded. Returns {class index: [unit results]}."""
     import json
 
     from safetensors.torch import save
@@ -430,6 +454,8 @@ def run_trial(trial: Trial, *, model_dir: str, tokenizer_dir: str, real: list[di
     tok = load_tokenizer(tokenizer_dir)
     model = load_model(model_dir).to(device)
     m = matcher(model, tok, suffix, opts.words_only)
+    if opts.init_size is None:
+        opts = opts.model_copy(update={"init_size": round(float(m.embed.norm(dim=-1).mean()), 4)})
     verb = verbalizer_ids(tok, verbalizers)
     targets = class_gradients(m, text_ids(tok, [r["text"] for r in real]), [r["label"] for r in real], verb)
     results: dict[int, list[dict]] = {}
@@ -443,9 +469,8 @@ def run_trial(trial: Trial, *, model_dir: str, tokenizer_dir: str, real: list[di
                                generator=torch.Generator().manual_seed(opts.seed * 1000 + c))
         results[c] = []
         for r in range(opts.rounds):
-            unit = storage.join(out, f"{c}-r{r}")
-            if storage.exists(f"{unit}.json"):
-                results[c].append(json.loads(storage.read_bytes(f"{unit}.json")))
+            if storage.exists(unit_uri(out, c, r)):
+                results[c].append(read_unit(out, c, r))
                 continue
             gen = torch.Generator().manual_seed(opts.seed * 100_003 + c * 101 + r)
             name = f"[{trial.key}] class {c} round {r + 1}/{opts.rounds}"
@@ -454,8 +479,9 @@ def run_trial(trial: Trial, *, model_dir: str, tokenizer_dir: str, real: list[di
                 g = project_once(m, verb[c], target, opts, gen, step)
             else:
                 g = admm(m, verb[c], target, opts, trial.rho, gen, step)
-            storage.write_bytes(f"{unit}.safetensors", save({"x": g.x.contiguous()}))
-            res = {"class": c, "round": r, "ids": g.ids, "cosine": g.cosine, "x_cosine": g.x_cosine, "history": g.history}
-            storage.write_bytes(f"{unit}.json", json.dumps(res).encode())  # last: the unit is done
+            storage.write_bytes(unit_uri(out, c, r, "safetensors"), save({"x": g.x.contiguous()}))
+            res = {"class": c, "round": r, "ids": g.ids, "cosine": g.cosine, "x_cosine": g.x_cosine,
+                   "init_size": opts.init_size, "history": g.history}
+            storage.write_bytes(unit_uri(out, c, r), json.dumps(res).encode())  # last: the unit is done
             results[c].append(res)
     return results

@@ -10,7 +10,7 @@ exactly that path on a laptop; this module writes what they read, from a small s
     #    /tmp/datalab-smoke/faco.jsonl         a FACO table with choices (split: sft | heldout)
     #    /tmp/datalab-smoke/instructions.jsonl instruction / input / output rows (Alpaca's columns)
     #    /tmp/datalab-smoke/lancet_iqs.jsonl  influence queries (a harmful request, its unsafe answer)
-#    /tmp/datalab-smoke/gradmatch.jsonl    labelled texts, SST-2's shape (text, label, split: train | test)
+    #    /tmp/datalab-smoke/gradmatch.jsonl   labelled texts, SST-2's shape (text, label, split: train | test)
 
 The model is random-init: the smoke presets check the code path, not findings. `world_mc_task`
 writes the local lm-eval task the smoke presets name (`evals/tasks/world_mc.*`, committed).
@@ -112,9 +112,10 @@ def write_assets(out: Path, seed: int = 0, people: int = 30) -> dict[str, str]:
     write_jsonl(out / "faco.jsonl", faco)
     write_jsonl(out / "instructions.jsonl", instructions)
     write_jsonl(out / "lancet_iqs.jsonl", lancet_queries(world))
-    gradmatch = write_jsonl(out / "gradmatch.jsonl", gradmatch_rows(world))
+    labelled = gradmatch_rows(world)
+    gradmatch = write_jsonl(out / "gradmatch.jsonl", labelled)
     texts = W.all_text(world) + [W.format_prompt(r["question"], r["choices"]) for r in faco]
-    texts += [f"{json.loads(line)['text']} Answer: white black" for line in gradmatch.read_text().splitlines()]
+    texts += [f"{r['text']} Answer: white black" for r in labelled]
     texts += ["### Instruction:\n### Response:\n<instruction></instruction>"]
     model = out / "model"
     tok = train_tokenizer(texts, 512, model)
