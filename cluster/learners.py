@@ -355,6 +355,24 @@ def _prepare_process(scale: ScaleOptions) -> None:
         # ZeRO-3 partitions weights inside from_pretrained (zero.Init): DeepSpeed's comm must
         # already know the world size, or it asserts on the batch size (docs/STACK.md).
         deepspeed.init_distributed(dist_backend="nccl" if scale.use_gpu else "gloo")
+        _weights_only_deepspeed_loads()
+
+
+def _weights_only_deepspeed_loads() -> None:
+    """DeepSpeed reads its checkpoint shards with `torch.load(weights_only=False)`: a checkpoint in
+    storage someone else can write would run any code it names on every rank at resume. Read them
+    `weights_only=True` instead, allowing the DeepSpeed classes a ZeRO checkpoint holds (its
+    loss scaler's state and the stage enum); anything else in the file fails the load."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine as engine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.TorchCheckpointEngine.load = load
 
 
 def _common_arguments(run: LearnerRun, phase: Phase, out_dir: str, sched: Schedule) -> dict:

@@ -131,6 +131,22 @@ def load_model(path: str | Path, *, dtype=None, trust_remote_code: bool = False,
     return model if device in (None, "auto") else model.to(device)
 
 
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_weights(model_dir: str | Path) -> None:
+    """A local model directory must hold safetensors weights. Pickled ones (`pytorch_model.bin`)
+    are refused at the door, never loaded: unpickling a file can run any code it names."""
+    d = Path(model_dir)
+    if any(d.glob("*.safetensors")) or (d / "model.safetensors.index.json").is_file():
+        return
+    pickled = sorted(p.name for pattern in PICKLED for p in d.glob(pattern))
+    if pickled:
+        raise UserError(f"{d}: weights only as pickles ({', '.join(pickled[:3])}); this project loads safetensors only "
+                        "(a pickle can run code when loaded): convert them once where you trust the file "
+                        "(from_pretrained(..., use_safetensors=False).save_pretrained(dir)) and point at the result")
+
+
 def check_pair(model_dir: str | Path, tokenizer) -> None:
     """Model and tokenizer must agree on the vocabulary: a mismatch is bad input, not a crash."""
     cfg_file = Path(model_dir) / "config.json"
@@ -158,7 +174,9 @@ def base_model(run, spec: ModelSpec, *, tokenizer: str | None, texts, seed: int,
 
     if spec.tiny is None:
         tok = tokenizer or spec.name
-        if Path(spec.name).is_dir() and Path(tok).is_dir():  # local: check they agree now
+        if Path(spec.name).is_dir():  # local: safetensors weights, and a tokenizer that agrees
+            check_weights(spec.name)
+        if Path(spec.name).is_dir() and Path(tok).is_dir():
             check_pair(spec.name, load_tokenizer(tok, spec.trust_remote_code))
         return Artifact(spec.name), Artifact(tok)
     tiny = spec.tiny

@@ -69,7 +69,7 @@ from cluster.models import base_model
 from cluster.runtime import init_ray
 from cluster.stages import Artifact, Run, Stage, fetch, open_run
 from cluster.sweep import Trained, train_stage
-from jobs.montessori_options import MontessoriOptions, check, check_hub_tokenizers, plan
+from jobs.montessori_options import MontessoriOptions, check, check_models, plan
 from synth.teacher import check_tokenizers, derive_seed, load_tokenizer_or_fail
 
 JOB = "montessori"
@@ -425,7 +425,7 @@ def run(cfg: MontessoriOptions) -> dict | None:
 
     t0 = time.time()
     check(cfg)
-    check_hub_tokenizers(cfg)
+    check_models(cfg)
     run = open_run(JOB, cfg)  # a partial run (stop_after) is the same run
     try:
         iterations = montessori(cfg, run)

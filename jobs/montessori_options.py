@@ -4,12 +4,14 @@ that turn bad input into one line and exit code 2 before any stage is committed,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from cluster import storage
 from cluster.config import Options, UserError
 from cluster.learners import DPOOptions, LearnerOptions, ScaleOptions
-from cluster.models import ModelSpec
+from cluster.models import ModelSpec, check_weights
 from cluster.stages import JobOptions
 from evals.heldout import EvalOptions
 from influence.warmup import WarmupOptions
@@ -86,8 +88,10 @@ def check(cfg: MontessoriOptions) -> None:
         raise UserError(f"stop_after: this preset has no stage {cfg.stop_after!r} (stages: {', '.join(stage_names(cfg))})")
 
 
-def check_hub_tokenizers(cfg: MontessoriOptions) -> None:
-    """Before any stage: a hub student's and teacher's tokenizers must agree."""
+def check_models(cfg: MontessoriOptions) -> None:
+    """Before any stage: a local teacher holds safetensors weights; a hub student's and teacher's tokenizers agree."""
+    if cfg.teacher.model is not None and Path(cfg.teacher.model).is_dir():
+        check_weights(cfg.teacher.model)  # the student's are checked by cluster.models.base_model
     if cfg.student.tiny is None:
         check_tokenizers(load_tokenizer_or_fail(cfg.student_tokenizer or cfg.student.name, "student_tokenizer"),
                          cfg.teacher.tokenizer or cfg.teacher.model)

@@ -134,6 +134,10 @@ def test_falsity_smoke_through_ray_job_submit(head):
     assert {"sft/qa_accuracy", "recovery/qa_accuracy"} <= set(both["summary"]) and both["config"]["commit"]
     assert both["config"]["sft_training_args"]["deepspeed"]["zero_optimization"]["stage"] == 3
     no_secret_anywhere(head, run, logs)
+    # the package Ray unpacked for the job: the code, without .git or the tests (.rayignore)
+    unpacked = [p for p in head["session"].rglob("working_dir_files/*") if p.is_dir()]
+    assert unpacked and all((p / "cluster/learners.py").is_file() for p in unpacked), unpacked
+    assert not [p for d in unpacked for p in (d / ".git", d / "tests") if p.exists()]
 
 
 def test_montessori_smoke_through_ray_job_submit(head):
