@@ -136,9 +136,10 @@ PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 def check_weights(model_dir: str | Path) -> None:
     """A local model directory must hold safetensors weights. Pickled ones (`pytorch_model.bin`)
-    are refused at the door, never loaded: unpickling a file can run any code it names."""
+    are refused at the door, never loaded: unpickling a file can run any code it names. A hub id
+    (not a directory here) is left to `load_model`, which asks the hub for safetensors only."""
     d = Path(model_dir)
-    if any(d.glob("*.safetensors")) or (d / "model.safetensors.index.json").is_file():
+    if not d.is_dir() or any(d.glob("*.safetensors")) or (d / "model.safetensors.index.json").is_file():
         return
     pickled = sorted(p.name for pattern in PICKLED for p in d.glob(pattern))
     if pickled:
@@ -174,9 +175,8 @@ def base_model(run, spec: ModelSpec, *, tokenizer: str | None, texts, seed: int,
 
     if spec.tiny is None:
         tok = tokenizer or spec.name
-        if Path(spec.name).is_dir():  # local: safetensors weights, and a tokenizer that agrees
-            check_weights(spec.name)
-        if Path(spec.name).is_dir() and Path(tok).is_dir():
+        check_weights(spec.name)
+        if Path(spec.name).is_dir() and Path(tok).is_dir():  # local: check they agree now
             check_pair(spec.name, load_tokenizer(tok, spec.trust_remote_code))
         return Artifact(spec.name), Artifact(tok)
     tiny = spec.tiny

@@ -4,8 +4,6 @@ that turn bad input into one line and exit code 2 before any stage is committed,
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 
 from cluster import storage
@@ -90,7 +88,7 @@ def check(cfg: MontessoriOptions) -> None:
 
 def check_models(cfg: MontessoriOptions) -> None:
     """Before any stage: a local teacher holds safetensors weights; a hub student's and teacher's tokenizers agree."""
-    if cfg.teacher.model is not None and Path(cfg.teacher.model).is_dir():
+    if cfg.teacher.model is not None:
         check_weights(cfg.teacher.model)  # the student's are checked by cluster.models.base_model
     if cfg.student.tiny is None:
         check_tokenizers(load_tokenizer_or_fail(cfg.student_tokenizer or cfg.student.name, "student_tokenizer"),
