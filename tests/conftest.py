@@ -2,6 +2,7 @@
 offline hub and W&B, no DeepSpeed JIT builds."""
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -47,10 +48,21 @@ S3_BUCKET = "datalab-test"
 
 
 def free_port() -> int:
-    """A free TCP port on loopback (for a server a test starts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on loopback for a server a test starts, drawn from below the kernel's
+    ephemeral range: a port the OS handed out by `bind(0)` and then released can be handed out
+    again to any of Ray's own processes before our server binds it (a CI run lost its whole Ray to
+    that), while ports below the range are only ever taken by name. Ray's worker ports are
+    10002-19999, so the draw is from 20000 up."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for port in random.sample(range(20000, low), k=min(200, low - 20000)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in 20000-{low}")
 
 
 @pytest.fixture(scope="session")
