@@ -9,7 +9,7 @@ Where results go is `cluster.stages`' business.
 No key ever goes into the runtime env: Ray writes a job's runtime env (env vars included) to
 `runtime_env_agent.log` on every node and serves it from the job API and the dashboard. Workers
 read their node's secrets file instead (`cluster.secrets`): the runtime env names
-`cluster.secrets.ensure_secrets` as every worker process's setup hook (a function path, no value).
+`cluster.runtime.setup_worker` as every worker process's setup hook (a function path, no value).
 """
 
 from __future__ import annotations
@@ -35,8 +35,25 @@ WORKER_ENV = {
 }
 
 
-# Run in every worker process of the job as it starts: loads its node's secrets file, if any.
-SECRETS_HOOK = "cluster.secrets.ensure_secrets"
+# Run in every worker process of the job as it starts (a function path: no value travels).
+WORKER_SETUP_HOOK = "cluster.runtime.setup_worker"
+
+
+def setup_worker() -> None:
+    """Every worker process of a job, as it starts: pin `RAY_ADDRESS` to the worker's own cluster,
+    and load its node's secrets file, if any.
+
+    Ray's state API finds its cluster by `RAY_ADDRESS`, else by the newest Ray on the machine. Train
+    V2's placement-group cleaner polls it to see whether its run's controller lives: with two Rays
+    on one machine (a test session beside a local job, two local jobs, a laptop's Ray beside a
+    job's) a cleaner asks the other Ray, finds no controller there, and removes the placement
+    group of a run that is still training."""
+    import ray
+
+    from cluster.secrets import ensure_secrets
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    ensure_secrets()
 
 
 class RayOptions(Options):
@@ -67,7 +84,7 @@ def init_ray(opts: RayOptions) -> None:
         os.environ.setdefault(k, v)
     env = {k: v for k, v in env.items() if not is_secret_name(k)}  # a guard, should the list grow
     address = opts.address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": env, "worker_process_setup_hook": SECRETS_HOOK}
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": WORKER_SETUP_HOOK}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return

@@ -98,7 +98,7 @@ def ray_local(s3_server):
     import ray
     from ray.cluster_utils import Cluster
 
-    from cluster.runtime import WORKER_ENV
+    from cluster.runtime import WORKER_ENV, WORKER_SETUP_HOOK
 
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
@@ -106,7 +106,8 @@ def ray_local(s3_server):
         "num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1",
         "dashboard_port": free_port()})  # a second test session on the machine must not collide
     cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
-    ray.init(address=cluster.address)
+    # the jobs' worker setup: each worker pins its own cluster's address (cluster.runtime.setup_worker)
+    ray.init(address=cluster.address, runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
     yield ray
     ray.shutdown()
     cluster.shutdown()

@@ -58,7 +58,8 @@ def head(tmp_path_factory):
     while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode != 0:
         assert proc.poll() is None and time.time() < deadline, (tmp / "ray-start.log").read_text()[-3000:]
         time.sleep(2)
-    yield {"address": address, "env": env, "assets": assets, "home": tmp / "home", "session": session}
+    yield {"address": address, "gcs": f"127.0.0.1:{port}", "env": env, "assets": assets, "home": tmp / "home",
+           "session": session}
     # `ray stop` would stop every Ray on the machine. Ray's graceful stop takes about 30 s here;
     # nothing of this throwaway head needs it, so after 5 s the whole process group is killed.
     os.killpg(proc.pid, signal.SIGTERM)
@@ -106,6 +107,34 @@ def no_secret_anywhere(head, run: Path, logs: str) -> None:
     assert len(files) > 50
     leaks = [str(f) for f in files for v in SECRETS.values() if v.encode() in f.read_bytes()]
     assert not leaks and not [v for v in SECRETS.values() if v in logs], leaks
+
+
+def test_a_worker_asks_its_own_ray_while_another_runs_on_the_machine(ray_local, head):
+    """With this head as the machine's newest Ray in the default temp dir (where a `ray start`, a
+    second test session or a local job on the machine would have written it), an actor of the
+    session's Ray finds itself through Ray's state API, as Train V2's placement-group cleaner looks
+    up its run's controller. Asked of the other Ray it is not found, and the cleaner removes a live
+    run's placement group: each worker pins its own cluster (cluster.runtime.setup_worker)."""
+    import ray
+    from ray._private.utils import get_ray_address_file
+
+    @ray.remote(num_cpus=0)
+    class LooksItselfUp:
+        def found(self) -> bool:
+            from ray.util.state import get_actor
+
+            state = get_actor(ray.get_runtime_context().get_actor_id(), timeout=20)
+            return state is not None and state.state == "ALIVE"
+
+    newest = Path(get_ray_address_file(None))
+    before = newest.read_text() if newest.exists() else None
+    newest.write_text(head["gcs"])
+    actor = LooksItselfUp.remote()
+    try:
+        assert ray.get(actor.found.remote(), timeout=60)
+    finally:
+        ray.kill(actor)
+        newest.write_text(before) if before is not None else newest.unlink()
 
 
 def test_falsity_smoke_through_ray_job_submit(head):

@@ -264,4 +264,4 @@ def test_init_ray_puts_no_key_in_the_runtime_env(monkeypatch):
     assert not set(env) & {*secrets.ALLOWED, "AWS_SECRET_ACCESS_KEY"}
     hook = kw["runtime_env"]["worker_process_setup_hook"]
     module, _, name = hook.rpartition(".")
-    assert getattr(__import__(module, fromlist=[name]), name) is secrets.ensure_secrets
+    assert getattr(__import__(module, fromlist=[name]), name) is runtime.setup_worker  # which calls ensure_secrets
