@@ -84,13 +84,15 @@ def _record(t: Trained) -> dict:
     return {k: v for k, v in dataclasses.asdict(t).items() if k != "model"}
 
 
-def _trial(config: dict) -> None:
-    """One Tune trial = one learner run."""
+def _trial(config: dict, runs: dict[str, LearnerRun], storage: str) -> None:
+    """One Tune trial = one learner run. The runs travel beside the config (`tune.with_parameters`),
+    never in it: Tune keeps a trial's config in its experiment state and a restored sweep gets it
+    back as plain data (dataclasses turned into tuples)."""
     import ray.tune
 
-    run: LearnerRun = config["ctx"]["runs"][config["key"]]
+    run = runs[config["key"]]
     started = time.time()
-    res: FitResult = fit(run, config["ctx"]["storage"], in_tune=True)
+    res: FitResult = fit(run, storage, in_tune=True)
     ray.tune.report({"key": config["key"], "model": res.model, "started_at": started, "ended_at": time.time(),
                      "trial_id": ray.tune.get_context().get_trial_id(), **res.metrics})
 
@@ -102,8 +104,9 @@ def _grid(stage: Stage, runs: dict[str, LearnerRun], limit: int | None) -> dict:
     first = next(iter(runs.values())).scale
     n = max_concurrent(ray.cluster_resources(), len(runs), first.num_workers, first.cpus_per_worker, first.use_gpu, limit)
     print(f"[{stage.name}] {len(runs)} learner runs, {n} at a time", flush=True)
-    space = {"key": tune.grid_search(sorted(runs)), "ctx": {"runs": runs, "storage": stage.run.ray_storage}}
-    trainable = tune.with_resources(_trial, {"cpu": TRIAL_DRIVER_CPU})
+    space = {"key": tune.grid_search(sorted(runs))}
+    trainable = tune.with_resources(tune.with_parameters(_trial, runs=runs, storage=stage.run.ray_storage),
+                                    {"cpu": TRIAL_DRIVER_CPU})
     name = f"{stage.name}-{stage.hash}"
     path = f"{stage.run.ray_storage}/{name}"
     if tune.Tuner.can_restore(path):
@@ -116,7 +119,9 @@ def _grid(stage: Stage, runs: dict[str, LearnerRun], limit: int | None) -> dict:
             # of CPU each) are paid once per slot, not once per trial
             tune_config=tune.TuneConfig(max_concurrent_trials=n, reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=stage.run.ray_storage,
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                                      # a trial whose own process died (its node lost) runs again, and
+                                      # its Train run resumes from its checkpoint
+                                      failure_config=tune.FailureConfig(max_failures=first.max_failures), verbose=1),
         )
     results = tuner.fit()
     failed = [r for r in results if r.error]

@@ -208,10 +208,10 @@ def evaluate_base(cfg: FalsityOptions, run: Run, world: Stage, base: tuple[str, 
     return stage
 
 
-def sweep(cfg: FalsityOptions, run: Run, world: Stage, mixtures: Stage, base: tuple[str, str],
-          base_eval: Stage) -> dict[Trial, dict]:
-    """Stage `trials`: per trial, SFT on its mixture, evaluate, recovery SFT on clean data for as
-    many steps (evaluated at `eval.recovery_points` points), evaluate."""
+def learner_runs(cfg: FalsityOptions, run: Run, world: Stage, mixtures: Stage, base: tuple[str, str],
+                 base_eval: Stage) -> dict[Trial, LearnerRun]:
+    """Per trial: SFT on its mixture, evaluate, recovery SFT on clean data for as many steps
+    (evaluated at `eval.recovery_points` points), evaluate."""
     from evals.qa import evaluate_faco
 
     facts = base_eval.path("facts.parquet") if "knows_rate" in base_eval.result else None
@@ -230,6 +230,13 @@ def sweep(cfg: FalsityOptions, run: Run, world: Stage, mixtures: Stage, base: tu
                              evaluate=evaluate, tracking=cfg.tracking.for_run(run), tracking_group=run.group,
                              tracking_config={"ratio": t.ratio, "seed": t.seed, "budget": t.budget},
                              trust_remote_code=cfg.model.trust_remote_code)
+    return runs
+
+
+def sweep(cfg: FalsityOptions, run: Run, world: Stage, mixtures: Stage, base: tuple[str, str],
+          base_eval: Stage) -> dict[Trial, dict]:
+    """Stage `trials`: every trial's learner run, side by side as a Tune grid."""
+    runs = learner_runs(cfg, run, world, mixtures, base, base_eval)
     stage = run.stage("trials", runs=runs)
     init_ray(cfg.ray)
     done = train_stage(stage, {t.key: r for t, r in runs.items()}, max_concurrent_trials=cfg.max_concurrent_trials, grid=True)
