@@ -55,7 +55,8 @@ def free_port() -> int:
     10002-19999, so the draw is from 20000 up."""
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
         low = int(f.read().split()[0])
-    for port in random.sample(range(20000, low), k=min(200, low - 20000)):
+    ports = range(20000, max(low, 20000))  # empty where the ephemeral range starts lower: the error below
+    for port in random.sample(ports, k=min(200, len(ports))):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

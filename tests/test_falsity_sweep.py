@@ -33,6 +33,11 @@ OVERRIDES = ["ratios=[0.0,0.5,1.0]", "seeds=[0,1]", "max_concurrent_trials=2", f
 SECRETS = {"WANDB_API_KEY": "fake-wandb-key-7f3a9c1e", "HF_TOKEN": "hf_fakeTokenDoNotLog42"}
 
 
+def trial_key(run_name: str) -> str:
+    """`<run id>-trials-<key>-<fingerprint>` (cluster.sweep) -> key."""
+    return run_name.split("-trials-")[1].rsplit("-", 1)[0]
+
+
 def latest_checkpoints(storage: Path) -> dict[str, dict]:
     """Each trial's Ray Train run (by trial key) -> the metrics of its latest registered checkpoint."""
     out = {}
@@ -42,7 +47,7 @@ def latest_checkpoints(storage: Path) -> dict[str, dict]:
         except json.JSONDecodeError:  # being written
             continue
         if latest:
-            out[snap.parent.name.split("-trials-")[1].rsplit("-", 1)[0]] = latest["metrics"]
+            out[trial_key(snap.parent.name)] = latest["metrics"]
     return out
 
 
@@ -192,11 +197,6 @@ def test_recovery_curve(sweep):
     assert sum(lift) / 2 >= 0.19, lift  # world 0: 0.38
     assert sum(decline) / 2 >= 0.17, decline  # world 0: 0.34
     assert sum(late) / 2 >= 0.035, late  # world 0: 0.07
-
-
-def trial_key(run_name: str) -> str:
-    """`<run id>-trials-<key>-<fingerprint>` (cluster.sweep) -> key."""
-    return run_name.split("-trials-")[1].rsplit("-", 1)[0]
 
 
 def resume_step(checkpoint: dict, sft_steps: int) -> int:
