@@ -105,7 +105,10 @@ def ray_local(s3_server):
         os.environ.setdefault(k, v)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": free_port()})  # a second test session on the machine must not collide
+        "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()})
+    # ^ a second Ray on the machine (another session, test_cluster_path's head) must not collide:
+    # the agent's default port is one fixed number, and an agent that cannot bind it leaves its
+    # node without a job agent ("No available agent to submit job")
     cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
     # the jobs' worker setup: each worker pins its own cluster's address (cluster.runtime.setup_worker)
     ray.init(address=cluster.address, runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})

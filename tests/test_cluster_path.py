@@ -46,11 +46,12 @@ def head(tmp_path_factory):
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
                DATALAB_STORAGE=str(tmp / "home"), DATALAB_SECRETS_FILE=str(secrets), RAY_AUTH_MODE="disabled",
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))  # `python` is this env's
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent = free_port(), free_port(), free_port()  # the agent's default port is fixed: the session's Ray may hold it
     session = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     log = open(tmp / "ray-start.log", "w")
     proc = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "6",
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                             "--dashboard-agent-listen-port", str(agent), "--num-cpus", "6",
                              "--temp-dir", str(session), "--disable-usage-stats"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
