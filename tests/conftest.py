@@ -92,10 +92,10 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_server):
+def ray_cluster(s3_server):
     """One Ray for the whole session (each start costs seconds), as 2 simulated nodes on loopback
     (`ray.cluster_utils.Cluster`), so remote work really runs on another node's processes; jobs
-    join it."""
+    join it. Yields the `Cluster`: a fault test adds and removes nodes (and leaves 2 behind)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -112,9 +112,17 @@ def ray_local(s3_server):
     cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
     # the jobs' worker setup: each worker pins its own cluster's address (cluster.runtime.setup_worker)
     ray.init(address=cluster.address, runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
-    yield ray
+    yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_cluster):
+    """The session's Ray (see `ray_cluster`), for tests that only use it."""
+    import ray
+
+    return ray
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,10 +48,14 @@ def test_partitions_add_up_to_the_whole_pass(fitted):
     model, train, _ = fitted
     whole = L.covariance_sums(model, [collate([r for b in train for r in _split(b)])], key="x")
     parts = L.add_partials([L.covariance_sums(model, [b], key="x") for b in train])
-    # the A factors and token counts do not depend on the sampled labels: exact sums
+    # the A factors and token counts do not depend on the sampled labels: the same sums, up to
+    # float32 activations that differ with the batch's padding (entrywise, cancellation in the
+    # off-diagonal sums magnifies that; against the factor's scale it stays below 1e-5, while one
+    # batch counted twice moves it by 6%)
     for k in whole:
         if k.endswith(".A") or k.endswith(".tokens"):
-            assert torch.allclose(whole[k], parts[k], rtol=1e-4, atol=1e-6), k
+            err = float((whole[k] - parts[k]).abs().max() / whole[k].abs().max())
+            assert err < 1e-5, (k, err)
     with pytest.raises(ValueError):
         L.add_partials([parts, {k: v for k, v in parts.items() if "layers.0" not in k}])
 
