@@ -56,6 +56,11 @@ def max_concurrent(cluster: dict[str, float], num_trials: int, num_workers: int,
     return min(n, limit) if limit else n
 
 
+def run_name(stage: Stage, key: str) -> str:
+    """The Ray Train run (and checkpoint folder, and W&B id) of run `key` of `stage`."""
+    return f"{stage.run.run_id}-{stage.name}-{key}-{stage.hash}"
+
+
 def train_stage(stage: Stage, runs: dict[str, LearnerRun], *, max_concurrent_trials: int | None = None,
                 grid: bool | None = None) -> dict[str, Trained]:
     """Train every run of `runs` (key -> run) as stage `stage`; returns key -> `Trained`.
@@ -64,7 +69,7 @@ def train_stage(stage: Stage, runs: dict[str, LearnerRun], *, max_concurrent_tri
     def build(st: Stage) -> dict:
         for run in runs.values():  # a schedule that cannot work on this data stops here, before any worker starts
             check_schedules(run)
-        named = {k: dataclasses.replace(r, name=f"{st.run.run_id}-{st.name}-{k}-{st.hash}", output=st.path(k))
+        named = {k: dataclasses.replace(r, name=run_name(st, k), output=st.path(k))
                  for k, r in runs.items()}
         if len(named) == 1 and not grid:
             (key, run), = named.items()

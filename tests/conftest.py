@@ -129,6 +129,19 @@ def ray_local(ray_cluster):
 # small builders the tests share
 
 
+def registered_checkpoint(run_dir, fs=None) -> bool:
+    """Has Ray Train's controller registered a checkpoint of this run (not merely seen files
+    appear)? `fs`: the fsspec filesystem of remote storage; none for a local directory."""
+    import json
+
+    snapshot = f"{run_dir}/checkpoint_manager_snapshot.json"
+    try:
+        text = fs.cat_file(snapshot) if fs is not None else open(snapshot).read()
+        return bool(json.loads(text).get("latest_checkpoint_result"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
 def tiny_llama(texts: list[str], out, vocab_size: int = 300, hidden_size: int = 32, layers: int = 1):
     """A tokenizer trained on `texts` and a random-init Llama over it, both saved in `out`."""
     from cluster.models import TinyLlama, build_tiny_model, train_tokenizer

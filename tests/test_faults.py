@@ -32,9 +32,9 @@ from ray import cloudpickle
 from cluster import storage
 from cluster.learners import LearnerOptions, LearnerRun, Phase, ScaleOptions
 from cluster.stages import Run
-from cluster.sweep import train_stage
+from cluster.sweep import run_name, train_stage
 from synth import world as W
-from tests.conftest import tiny_llama
+from tests.conftest import registered_checkpoint, tiny_llama
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this file
@@ -86,30 +86,24 @@ def live_placement_groups(gcs: str) -> set[str]:
     return {p.placement_group_id for p in list_placement_groups(address=gcs, limit=10000) if p.state != "REMOVED"}
 
 
-def has_checkpoint(fs, path: str) -> bool:
-    """Has Ray Train's controller registered a checkpoint of this run (read from the bucket)?"""
-    import json
-
-    try:
-        return bool(json.loads(fs.cat_file(f"{path}/checkpoint_manager_snapshot.json")).get("latest_checkpoint_result"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-
-
 def lose_a_node(cluster, pick, fault: dict, deadline_s: float = 600) -> None:
     """As soon as `pick()` names a node, kill it without a graceful stop (its raylet and processes
-    are SIGKILLed, as a lost instance) and add a fresh node. Fills `fault`."""
-    deadline = time.time() + deadline_s
-    while time.time() < deadline:
-        node_id = pick()
-        node = next((n for n in cluster.worker_nodes if n.node_id == node_id), None)
-        if node is not None:
-            fault.update(node=node_id, at=time.time())
-            cluster.remove_node(node, allow_graceful=False)
-            cluster.add_node(num_cpus=NODE_CPUS, node_ip_address="127.0.0.1")
-            return
-        time.sleep(0.5)
-    fault["error"] = f"no node to lose within {deadline_s:.0f} s"
+    are SIGKILLed, as a lost instance) and add a fresh node. Fills `fault` (runs in a thread: an
+    error goes there too, for the test's assertion on it)."""
+    try:
+        deadline = time.time() + deadline_s
+        while time.time() < deadline:
+            node_id = pick()
+            node = next((n for n in cluster.worker_nodes if n.node_id == node_id), None)
+            if node is not None:
+                fault.update(node=node_id, at=time.time())
+                cluster.remove_node(node, allow_graceful=False)
+                cluster.add_node(num_cpus=NODE_CPUS, node_ip_address="127.0.0.1")
+                return
+            time.sleep(0.5)
+        fault["error"] = f"no node to lose within {deadline_s:.0f} s"
+    except Exception as exc:  # noqa: BLE001
+        fault["error"] = repr(exc)
 
 
 def actors_by_node(gcs: str, class_name: str) -> list[tuple[str, int]]:
@@ -117,18 +111,6 @@ def actors_by_node(gcs: str, class_name: str) -> list[tuple[str, int]]:
 
     return [(a.node_id, a.pid) for a in list_actors(address=gcs, filters=[("class_name", "=", class_name),
                                                                           ("state", "=", "ALIVE")], limit=1000)]
-
-
-def run_beside(target, *args) -> threading.Thread:
-    def main():
-        try:
-            target(*args)
-        except Exception as exc:  # noqa: BLE001 - surfaced by the test's assertion on `fault`
-            args[-1]["error"] = repr(exc)
-
-    t = threading.Thread(target=main, daemon=True)
-    t.start()
-    return t
 
 
 @pytest.fixture
@@ -155,7 +137,7 @@ def test_a_sixteen_run_sweep_loses_a_node_and_ends_as_undisturbed(three_nodes, o
         evaluate=weights_checksum)
         for i in range(SETTINGS) for twin in TWINS}
     stage = run.stage("sweep", runs=runs)
-    names = {k: f"{run.run_id}-{stage.name}-{k}-{stage.hash}" for k in runs}
+    names = {k: run_name(stage, k) for k in runs}
     fs, ray_root = storage.filesystem(run.ray_storage)
     actors_before, pgs_before = alive_actors(gcs), live_placement_groups(gcs)
 
@@ -175,7 +157,7 @@ def test_a_sixteen_run_sweep_loses_a_node_and_ends_as_undisturbed(three_nodes, o
         for node_id, pid in actors_by_node(gcs, "RayTrainWorker"):
             key = training_run(pid)
             if (node_id != cluster.head_node.node_id and key is not None
-                    and has_checkpoint(fs, f"{ray_root}/{names[key]}")
+                    and registered_checkpoint(f"{ray_root}/{names[key]}", fs)
                     and not fs.exists(f"{stage.path(key, 'sft')}/model.safetensors")):
                 fault["run"] = key
                 return node_id
@@ -183,7 +165,8 @@ def test_a_sixteen_run_sweep_loses_a_node_and_ends_as_undisturbed(three_nodes, o
 
     fault: dict = {}
     t0 = time.time()
-    killer = run_beside(lose_a_node, cluster, pick, fault)
+    killer = threading.Thread(target=lose_a_node, args=(cluster, pick, fault), daemon=True)
+    killer.start()
     result = train_stage(stage, runs)
     wall = time.time() - t0
     killer.join(timeout=5)

@@ -7,7 +7,6 @@ workers, its second phase starting from the first phase's model on storage.
 """
 
 import functools
-import json
 import os
 import signal
 import threading
@@ -21,6 +20,7 @@ import pytest
 from cluster.learners import DPOOptions, LearnerOptions, LearnerRun, Phase, ScaleOptions, fit
 from cluster.models import TinyLlama, build_tiny_model, train_tokenizer
 from synth import world as W
+from tests.conftest import registered_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -51,15 +51,6 @@ def moved_from(init_dir: str, model_dir: str, phase: str) -> dict:
     assert before.keys() == after.keys() and all(before[k].shape == after[k].shape for k in before)
     return {"moved": float(sum((after[k].double() - before[k].double()).abs().sum() for k in before)),
             "checksum": float(sum(after[k].double().abs().sum() for k in after))}
-
-
-def registered_checkpoint(run_dir: Path) -> bool:
-    """Has Ray Train's controller registered a checkpoint (not merely seen files appear)?"""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    try:
-        return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
 
 
 def kill_a_worker_after_first_checkpoint(storage: Path, name: str, killed: list):
