@@ -80,10 +80,26 @@ def alive_actors(gcs: str) -> dict[str, str]:
             if a.name not in CLUSTER_SINGLETONS}
 
 
-def live_placement_groups(gcs: str) -> set[str]:
+def live_placement_groups(gcs: str) -> dict[str, str]:
+    """Every placement group not removed: its id and what it is (state, name, bundles)."""
     from ray.util.state import list_placement_groups
 
-    return {p.placement_group_id for p in list_placement_groups(address=gcs, limit=10000) if p.state != "REMOVED"}
+    return {p.placement_group_id: f"{p.state} {p.name!r} bundles={[b.get('unit_resources') for b in p.bundles or []]}"
+            for p in list_placement_groups(address=gcs, limit=10000, detail=True) if p.state != "REMOVED"}
+
+
+def leftovers(gcs: str, actors_before: dict, pgs_before: dict, wait_s: float = 60) -> tuple[dict, dict, float]:
+    """The sweep's actors and placement groups still alive after it: a lost node's placement
+    groups are removed by Ray asynchronously (Train's PlacementGroupCleaner polls whether their
+    controller still lives; Tune frees a dead trial's), so what remains after `wait_s` leaked.
+    Also returns how long the cleanup took."""
+    t0 = time.time()
+    while True:
+        actors = {i: c for i, c in alive_actors(gcs).items() if i not in actors_before}
+        pgs = {i: d for i, d in live_placement_groups(gcs).items() if i not in pgs_before}
+        if (not actors and not pgs) or time.time() > t0 + wait_s:
+            return actors, pgs, time.time() - t0
+        time.sleep(2)
 
 
 def lose_a_node(cluster, pick, fault: dict, deadline_s: float = 600) -> None:
@@ -124,7 +140,7 @@ def three_nodes(ray_cluster):
     ray_cluster.wait_for_nodes()
 
 
-def test_a_sixteen_run_sweep_loses_a_node_and_ends_as_undisturbed(three_nodes, on_s3):
+def test_a_sixteen_run_sweep_loses_a_node_and_ends_as_undisturbed(three_nodes, on_s3, capsys):
     cluster, gcs = three_nodes, three_nodes.address
     run = Run(on_s3, "faults", "sweep")
     runs = {f"lr{i}-{twin}": LearnerRun(
@@ -169,6 +185,7 @@ def test_a_sixteen_run_sweep_loses_a_node_and_ends_as_undisturbed(three_nodes, o
     killer.start()
     result = train_stage(stage, runs)
     wall = time.time() - t0
+    removed = capsys.readouterr().out.count("removing placement group")  # what the sweep cleaned after Ray
     killer.join(timeout=5)
     assert "node" in fault, f"no node was lost (the test exercised no fault): {fault}"
 
@@ -187,13 +204,14 @@ def test_a_sixteen_run_sweep_loses_a_node_and_ends_as_undisturbed(three_nodes, o
     first, last = result["lr0-a"].metrics["sft/sq_sum"], result[f"lr{SETTINGS - 1}-a"].metrics["sft/sq_sum"]
     assert abs(first - last) > 1e-4 * abs(first)
     # nothing the sweep started outlives it: the lost node's actors are dead, the rest were stopped
-    leaked_actors = {i: c for i, c in alive_actors(gcs).items() if i not in actors_before}
-    leaked_pgs = live_placement_groups(gcs) - pgs_before
+    leaked_actors, leaked_pgs, settled = leftovers(gcs, actors_before, pgs_before)
     assert not leaked_actors and not leaked_pgs, (leaked_actors, leaked_pgs)
 
     starts = sorted(t.metrics["sft/started_at"] - t.started_at for t in result.values())
-    print(f"\n[faults] {len(runs)} runs on 3 nodes x {NODE_CPUS} CPUs: wall {wall:.0f} s; node lost at "
-          f"{fault['at'] - t0:.0f} s under {fault['run']}; {len(result)} finished, "
-          f"0 lost, 0 duplicated; {len(resumed)} resumed from steps {sorted(resumed.values())}; trial start to "
-          f"first step median {statistics.median(starts):.1f} s, max {starts[-1]:.1f} s; leaked placement groups "
-          f"{len(leaked_pgs)}, actors {len(leaked_actors)}", flush=True)
+    with capsys.disabled():
+        print(f"\n[faults] {len(runs)} runs on 3 nodes x {NODE_CPUS} CPUs: wall {wall:.0f} s; node lost at "
+              f"{fault['at'] - t0:.0f} s under {fault['run']}; {len(result)} finished, "
+              f"0 lost, 0 duplicated; {len(resumed)} resumed from steps {sorted(resumed.values())}; trial start to "
+              f"first step median {statistics.median(starts):.1f} s, max {starts[-1]:.1f} s; leaked placement groups "
+              f"{len(leaked_pgs)}, actors {len(leaked_actors)} ({settled:.0f} s after the sweep; the sweep removed "
+              f"{removed} placement group(s) Ray left)", flush=True)
