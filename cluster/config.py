@@ -14,11 +14,30 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class UserError(Exception):
     """Bad input from the person running the job: reported as one line, exit code 2."""
+
+
+def Operational(default: Any, **kw: Any) -> Any:
+    """A field that decides how a stage runs, not what it produces (retries, timeouts, polling,
+    how many actors share the work): left out of stage fingerprints (`cluster.stages`), so a run
+    re-submitted with a longer timeout or more probe actors resumes instead of starting over."""
+    return Field(default, json_schema_extra={"fingerprint": False}, **kw)
+
+
+def fingerprinted(model: BaseModel) -> dict[str, Any]:
+    """The model's fields that decide results, as JSON (nested models likewise)."""
+    dump = model.model_dump(mode="json")
+    out = {}
+    for name, spec in type(model).model_fields.items():
+        if (spec.json_schema_extra or {}).get("fingerprint", True) is False:
+            continue
+        value = getattr(model, name)
+        out[name] = fingerprinted(value) if isinstance(value, BaseModel) else dump[name]
+    return out
 
 
 class Options(BaseModel):

@@ -39,7 +39,7 @@ from pydantic import Field, model_validator
 from transformers import TrainerCallback
 
 from cluster import storage
-from cluster.config import Options, UserError
+from cluster.config import Operational, Options, UserError
 from cluster.stages import fetch
 from cluster.tracking import TrackingOptions
 
@@ -81,12 +81,13 @@ class ScaleOptions(Options):
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage; 0 runs without DeepSpeed")
     bf16: bool = Field(False, description="bf16 mixed precision (GPU presets)")
     offload: bool = Field(False, description="ZeRO-Offload optimizer (and stage-3 params) to CPU")
-    max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint before giving up")
-    placement: Literal["PACK", "STRICT_PACK", "SPREAD"] = Field(
+    # how the run copes with the cluster, not what it trains: outside stage fingerprints
+    max_failures: int = Operational(1, ge=0, description="worker-group restarts from the last checkpoint before giving up")
+    placement: Literal["PACK", "STRICT_PACK", "SPREAD"] = Operational(
         "PACK", description="where a run's workers go: STRICT_PACK keeps them on one node (NVLink, no cross-node ZeRO traffic)")
-    start_timeout_s: float = Field(120, gt=0, description="how long the worker group may wait for its resources (an autoscaler adding a node)")
-    start_retries: int = Field(0, ge=0, description="worker-group starts that may time out (a node being replaced) before the run fails")
-    poll_interval_s: float = Field(
+    start_timeout_s: float = Operational(120, gt=0, description="how long the worker group may wait for its resources (an autoscaler adding a node)")
+    start_retries: int = Operational(0, ge=0, description="worker-group starts that may time out (a node being replaced) before the run fails")
+    poll_interval_s: float = Operational(
         0.25, gt=0, le=60, description="how often the Train controller polls its workers (Ray's default: 2 s). Every "
         "checkpoint report and the run's end wait for a poll: at 2 s a short run spends more time waiting than training")
 

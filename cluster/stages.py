@@ -39,7 +39,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, Field
 
 from cluster import storage
-from cluster.config import Options
+from cluster.config import Options, fingerprinted
 from cluster.runtime import RayOptions
 from cluster.tracking import TrackingOptions
 
@@ -64,7 +64,7 @@ class Artifact(str):
         return (Artifact, (str(self), self.stage))
 
 
-def _canonical(value: Any) -> Any:
+def canonical(value: Any) -> Any:
     """Inputs as plain JSON: options by value, stages and their artifacts by identity (name and
     fingerprint), so a fingerprint never depends on where the run is stored."""
     if isinstance(value, Artifact):
@@ -74,26 +74,26 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, Stage):
         return f"<stage {value.name}@{value.hash}>"
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        return fingerprinted(value)  # without its operational fields (cluster.config.Operational)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         # fields marked `metadata={"fingerprint": False}` (tracking, names) do not decide results
-        return _canonical({f.name: getattr(value, f.name) for f in dataclasses.fields(value)
+        return canonical({f.name: getattr(value, f.name) for f in dataclasses.fields(value)
                            if f.metadata.get("fingerprint", True)})
     if isinstance(value, functools.partial):
-        return {"fn": _canonical(value.func), "args": _canonical(value.args), "kw": _canonical(value.keywords)}
+        return {"fn": canonical(value.func), "args": canonical(value.args), "kw": canonical(value.keywords)}
     if callable(value) and hasattr(value, "__qualname__"):
         return f"{value.__module__}.{value.__qualname__}"
     if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
+        return [canonical(v) for v in value]
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     raise TypeError(f"stage input of type {type(value).__name__} has no canonical form")
 
 
 def fingerprint(name: str, inputs: dict[str, Any]) -> str:
-    data = json.dumps({"stage": name, "inputs": _canonical(inputs)}, sort_keys=True)
+    data = json.dumps({"stage": name, "inputs": canonical(inputs)}, sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:12]
 
 
@@ -263,7 +263,7 @@ def _json_default(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        return fingerprinted(value)  # without its operational fields (cluster.config.Operational)
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 

@@ -6,6 +6,11 @@ experiment; a re-run of the same stage resumes its own), and its phases' models 
 `<stage>/<key>/<phase>` on the run's storage. The stage's result records, per key, the metrics,
 the model URI and the trial's timing.
 
+A run's scale (workers, ZeRO stage, GPUs) is part of its fingerprint: the global batch and the
+ZeRO shards' layout depend on it. A stage re-submitted at another size while one of its runs has
+an unfinished checkpoint at the old size is refused with a line that says what to do
+(`_refuse_another_size`): re-submit at the old size to resume, or start anew at the new one.
+
 Ray 2.60 runs Train V2, which rejects `Tuner(trainer)`: a trial is a function that builds and fits
 a `TorchTrainer` (`cluster.learners.fit(..., in_tune=True)`). The trial's driver holds a small CPU
 share; its workers hold the learner's resources. On CPU, `max_concurrent_trials` is derived from
@@ -20,12 +25,15 @@ no placement group of its driver's job behind (`_remove_leftover_placement_group
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
 
+from cluster import storage
+from cluster.config import UserError
 from cluster.learners import FitResult, LearnerRun, check_schedules, fit
-from cluster.stages import Artifact, Stage
+from cluster.stages import Artifact, Stage, canonical, fingerprint
 
 TRIAL_DRIVER_CPU = 0.25
 
@@ -72,6 +80,9 @@ def train_stage(stage: Stage, runs: dict[str, LearnerRun], *, max_concurrent_tri
             check_schedules(run)
         named = {k: dataclasses.replace(r, name=run_name(st, k), output=st.path(k))
                  for k, r in runs.items()}
+        for key, run in named.items():  # what a later submit at another size compares itself with
+            storage.write_bytes(_size_marker(st, run.name), json.dumps(
+                {"key": key, "learner": _learner_at_any_size(run), "scale": canonical(run.scale)}).encode())
         if len(named) == 1 and not grid:
             (key, run), = named.items()
             t0 = time.time()
@@ -79,10 +90,63 @@ def train_stage(stage: Stage, runs: dict[str, LearnerRun], *, max_concurrent_tri
             return {key: _record(Trained(res.metrics, res.model, t0, time.time()))}
         return _grid(st, named, max_concurrent_trials)
 
+    if not stage.done():
+        _refuse_another_size(stage, runs)
     result = stage.ensure(build)
     # the model as an artifact of this stage (a downstream stage's input counts its fingerprint),
     # rebuilt from the stage's place rather than stored: a moved run directory stays valid
     return {k: Trained(**v, model=stage.path(k, runs[k].phases[-1].name)) for k, v in result.items()}
+
+
+def _size_marker(stage: Stage, name: str) -> str:
+    """Beside Ray's folder of run `name`: its scale and what it trains (kept when the stage's
+    fingerprint changes and the stage's own folder is wiped)."""
+    return storage.join(stage.run.ray_storage, f"{name}.learner.json")
+
+
+def _learner_at_any_size(run: LearnerRun) -> str:
+    return fingerprint("learner", {"run": dataclasses.replace(run, scale=None)})
+
+
+def _refuse_another_size(stage: Stage, runs: dict[str, LearnerRun]) -> None:
+    """A ZeRO checkpoint resumes only at the world size it was written at, and the global batch
+    is per-device batch x workers: a run of this stage that has an unfinished checkpoint at
+    another scale is neither resumed nor silently abandoned for a fresh start. The user is told
+    how to do either."""
+    fs, root = storage.filesystem(stage.run.ray_storage)
+    if not fs.exists(root):
+        return
+    for key, run in runs.items():
+        mine = run_name(stage, key)
+        prefix = f"{stage.run.run_id}-{stage.name}-{key}-"
+        for marker in sorted(fs.glob(f"{root}/{prefix}{'?' * 12}.learner.json")):
+            name = marker.rsplit("/", 1)[-1].removesuffix(".learner.json")
+            old = json.loads(fs.cat_file(marker))
+            if name == mine or old["learner"] != _learner_at_any_size(run) or old["scale"] == canonical(run.scale):
+                continue
+            step = _unfinished_checkpoint(fs, f"{root}/{name}", len(run.phases))
+            if step is None:
+                continue
+            was = ", ".join(f"{k}={v}" for k, v in old["scale"].items() if v != canonical(run.scale)[k])
+            now = ", ".join(f"{k}={v}" for k, v in canonical(run.scale).items() if v != old["scale"][k])
+            raise UserError(
+                f"{stage.name}: run {key} has an unfinished checkpoint ({step}) trained at {was}, and this submit asks "
+                f"for {now}; a checkpoint resumes only at its own scale. Re-submit with {was} to resume it, or remove "
+                f"{storage.join(stage.run.ray_storage, name)} to start the run anew at {now}")
+
+
+def _unfinished_checkpoint(fs, run_dir: str, phases: int) -> str | None:
+    """Where a Ray Train run stopped, if it registered a checkpoint before its last phase ended."""
+    try:
+        latest = json.loads(fs.cat_file(f"{run_dir}/checkpoint_manager_snapshot.json")).get("latest_checkpoint_result")
+    except FileNotFoundError:
+        return None
+    if not latest:
+        return None
+    m = latest.get("metrics", {})
+    if m.get("phase_done") and m.get("phase", -1) >= phases - 1:
+        return None  # finished: a new run at another size is a new experiment
+    return f"phase {m.get('phase', 0)}, " + ("done" if m.get("phase_done") else f"step {m.get('step', '?')}")
 
 
 def _record(t: Trained) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from cluster import storage
-from cluster.config import Options, UserError
+from cluster.config import Operational, Options, UserError
 from cluster.learners import DPOOptions, LearnerOptions, ScaleOptions
 from cluster.models import ModelSpec, check_weights
 from cluster.stages import JobOptions
@@ -23,7 +23,7 @@ class ProbeOptions(Options):
     """Candidates per iteration and the probe pool that scores them."""
 
     prompts: int = Field(48, ge=1, description="instruction-writing prompts per seed and iteration (k candidates each)")
-    num_actors: int = Field(1, ge=1, description="probe actors, each holding the warm student and its AdamW state")
+    num_actors: int = Operational(1, ge=1, description="probe actors, each holding the warm student and its AdamW state (each candidate is scored alone: not in the stage fingerprint)")
     cpus_per_actor: float = Field(1, gt=0, description="logical CPUs per probe actor")
     gpus_per_actor: float = Field(0, ge=0, description="GPUs per probe actor")
     batch_size: int = Field(16, ge=1, description="candidates per actor call")

@@ -1,6 +1,10 @@
 """A shared cluster's faults, on simulated nodes (`ray.cluster_utils.Cluster` on loopback) with
 every input, checkpoint and result on the local S3 server.
 
+- Node loss under a probe stage: Montessori's influence probes (the warm-up's student and AdamW
+  state on the bucket, `influence.warmup.warm_scorer` on a `cluster.probes.ProbePool` of 3 actors)
+  lose the node of one actor mid-stage; every candidate's score is on the bucket exactly once and
+  equals an undisturbed run's.
 - Node loss under a sweep, which is also the load test: 16 learner runs (8 settings, each twice)
   queued by Tune against 3 nodes' CPUs. Once a worker on a node other than the head trains a run
   with a registered checkpoint, that node is killed (raylet and all its processes, as a lost
@@ -16,6 +20,7 @@ tests/test_trust.py.
 
 from __future__ import annotations
 
+import functools
 import io
 import statistics
 import sys
@@ -31,8 +36,10 @@ from ray import cloudpickle
 
 from cluster import storage
 from cluster.learners import LearnerOptions, LearnerRun, Phase, ScaleOptions
-from cluster.stages import Run
+from cluster.probes import ProbePool
+from cluster.stages import Run, fetch
 from cluster.sweep import run_name, train_stage
+from influence.warmup import WarmupOptions, tokenize_sft, warm_scorer, warm_up_student
 from synth import world as W
 from tests.conftest import registered_checkpoint, tiny_llama
 
@@ -215,3 +222,86 @@ def test_a_sixteen_run_sweep_loses_a_node_and_ends_as_undisturbed(three_nodes, o
               f"first step median {statistics.median(starts):.1f} s, max {starts[-1]:.1f} s; leaked placement groups "
               f"{len(leaked_pgs)}, actors {len(leaked_actors)} ({settled:.0f} s after the sweep; the sweep removed "
               f"{removed} placement group(s) Ray left)", flush=True)
+
+
+class Paced:
+    """Montessori's probe scorer (`warm_scorer`), slowed so that the stage outlasts a node loss."""
+
+    def __init__(self, pace_s: float, *args):
+        self.pace_s, self.inner = pace_s, warm_scorer(*args)
+
+    def score(self, batch: list[dict]) -> list[float]:
+        time.sleep(self.pace_s * len(batch))
+        return self.inner.score(batch)
+
+
+def test_a_probe_stage_loses_a_node_and_loses_or_duplicates_no_score(three_nodes, on_s3, capsys):
+    import torch
+
+    cluster, gcs = three_nodes, three_nodes.address
+    model = f"{on_s3}/inputs/model"
+    warm, reference = f"{on_s3}/probes/warm", f"{on_s3}/probes/reference.parquet"
+    # the warm-up stage's work: the student and its AdamW state, on the bucket
+    warm_up_student(model, model, f"{on_s3}/inputs/sft.parquet", WarmupOptions(epochs=1, max_length=64), 0, warm)
+    world = W.build_world(W.WorldOptions(num_people=20, bios_per_person=2, seed=1))
+    rows = [{"prompt": W.format_prompt(r["question"]), "completion": r["true_response"]}
+            for r in W.questions(world, world.people, "all")]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows[:16]), buf)
+    storage.write_bytes(reference, buf.getvalue())
+    from cluster.models import load_tokenizer
+
+    tok = load_tokenizer(fetch(model))
+    items = [{"id": f"c{i}", **tokenize_sft(tok, r["prompt"], r["completion"], 64)} for i, r in enumerate(rows[16:80])]
+    scorer = (warm, reference, 64, 8, "cpu")
+
+    # undisturbed: the same scorer in this process, one thread as on a 1-CPU actor
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ProbePool(functools.partial(Paced, 0.0, *scorer), num_actors=0) as pool:
+            calm = pool.run(items, "id", f"{on_s3}/probes/undisturbed", batch_size=2, score_column="influence",
+                            progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    expected = dict(zip(calm["id"], calm["influence"]))
+
+    out = f"{on_s3}/probes/disturbed"
+    fs, shards = storage.filesystem(f"{out}/shards")
+
+    def pick() -> str | None:
+        """The node of a probe actor, not the head's, once the stage is under way (shards stored)."""
+        fs.invalidate_cache()
+        if len(fs.glob(f"{shards}/*.parquet")) < 3:
+            return None
+        return next((n for n, _ in actors_by_node(gcs, "_ProbeActor") if n != cluster.head_node.node_id), None)
+
+    actors_before, pgs_before = alive_actors(gcs), live_placement_groups(gcs)
+    fault: dict = {}
+    killer = threading.Thread(target=lose_a_node, args=(cluster, pick, fault, 300), daemon=True)
+    t0 = time.time()
+    killer.start()
+    with ProbePool(functools.partial(Paced, 0.5, *scorer), num_actors=3, num_cpus_per_actor=1) as pool:
+        got = pool.run(items, "id", out, batch_size=2, score_column="influence", progress=False)
+        replaced, retried = pool.replaced, pool.stats["retried"]
+    wall = time.time() - t0
+    killer.join(timeout=5)
+    assert "node" in fault, f"no node was lost (the test exercised no fault): {fault}"
+    assert replaced >= 1 and retried >= 1, (replaced, retried)  # the lost actor held batches
+
+    # every candidate once, in the merged table and across the shards on the bucket
+    assert got["id"] == [it["id"] for it in items]
+    stored = [i for f in fs.glob(f"{shards}/*.parquet") for i in pq.read_table(fs.open(f, "rb")).column("id").to_pylist()]
+    assert sorted(stored) == sorted(expected), "a score was lost or stored twice"
+    # each score equal to the undisturbed run's, well inside the smallest gap between two of them
+    values = sorted(expected.values())
+    gap = min(b - a for a, b in zip(values, values[1:]) if b > a)
+    diff = max(abs(s - expected[i]) for i, s in zip(got["id"], got["influence"]))
+    assert diff <= min(1e-7, gap / 10), (diff, gap)
+    leaked_actors, leaked_pgs, _ = leftovers(gcs, actors_before, pgs_before)
+    assert not leaked_actors and not leaked_pgs, (leaked_actors, leaked_pgs)
+    with capsys.disabled():
+        print(f"\n[faults] probe stage: {len(items)} candidates on 3 actors; node lost at {fault['at'] - t0:.0f} s; "
+              f"{replaced} actor(s) replaced, {retried} batch(es) re-queued; {len(stored)} scores stored, 0 lost, "
+              f"0 duplicated; largest difference from the undisturbed run {diff:.1e} (smallest gap {gap:.1e}); "
+              f"wall {wall:.0f} s", flush=True)

@@ -3,10 +3,12 @@
 One SFT run has a worker killed mid-run (SIGKILL, from outside) and must resume from its last
 checkpoint and finish; one DPO run checks the teacher learner trains against an explicit reference;
 one run trains an objective registered outside `cluster/` (tests/toy_objective.py) with 2 ZeRO-3
-workers, its second phase starting from the first phase's model on storage.
+workers, its second phase starting from the first phase's model on storage; one run that stopped
+with a checkpoint is re-submitted at another size and refused with a line that says what to do.
 """
 
 import functools
+import json
 import os
 import signal
 import threading
@@ -17,8 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cluster.config import UserError
 from cluster.learners import DPOOptions, LearnerOptions, LearnerRun, Phase, ScaleOptions, fit
 from cluster.models import TinyLlama, build_tiny_model, train_tokenizer
+from cluster.stages import Run
+from cluster.sweep import train_stage
 from synth import world as W
 from tests.conftest import registered_checkpoint
 
@@ -170,3 +175,39 @@ def test_lancet_ibo_trains_under_zero3_against_its_frozen_anchor(ray_local, tiny
     m = res.metrics
     assert m["ibo/steps"] == 4 and m["ibo/moved"] > 1.0, m
     assert m["ibo/ibo/margin"] > 0 and m["ibo/ibo/pair"] < 0.69, m  # log 2 at the start: the pairs moved apart
+
+
+def fails_while(flag: str, model_dir: str, phase: str) -> dict:
+    """Evaluation hook: a crash after the last phase trained, while `flag` exists (the run stops
+    with checkpoints but unfinished, as a run whose cluster went away)."""
+    if Path(flag).exists():
+        raise RuntimeError("the run stops here")
+    return {}
+
+
+def test_a_run_with_a_checkpoint_resubmitted_at_another_size_is_refused(ray_local, tiny, tmp_path):
+    flag = tmp_path / "stop"
+    flag.touch()
+    opts = LearnerOptions(learning_rate=1e-3, max_steps=4, batch_size=4, save_steps=2, logging_steps=2, max_length=64)
+
+    def learner(workers: int, **scale) -> LearnerRun:
+        return LearnerRun(model=str(tiny / "model"), tokenizer=str(tiny / "tok"),
+                          phases=[Phase("sft", str(tiny / "sft.parquet"), opts)],
+                          scale=ScaleOptions(num_workers=workers, cpus_per_worker=1, **{"max_failures": 0, **scale}),
+                          evaluate=functools.partial(fails_while, str(flag)))
+
+    run = Run(str(tmp_path / "runs"), "sizes", "r")
+    with pytest.raises(Exception, match="the run stops here"):
+        train_stage(run.stage("sft", run=learner(1)), {"base": learner(1)})
+    # how the run copes with the cluster is no part of what it trains: the same stage, resumable
+    assert run.stage("sft", run=learner(1, start_timeout_s=30, max_failures=3)).hash == run.stage("sft", run=learner(1)).hash
+    bigger = learner(2, zero_stage=3)
+    with pytest.raises(UserError) as refused:
+        train_stage(run.stage("sft", run=bigger), {"base": bigger})
+    line = str(refused.value)
+    assert "\n" not in line and "run base has an unfinished checkpoint (phase 0, step 4)" in line, line
+    assert "num_workers=1, zero_stage=0" in line and "Re-submit with num_workers=1, zero_stage=0 to resume" in line, line
+    assert f"remove {tmp_path}/runs/sizes/r/ray/r-sft-base-" in line and "anew at num_workers=2, zero_stage=3" in line, line
+    # refused before anything was touched: the stage still holds the stopped attempt's marker
+    pending = json.loads((tmp_path / "runs/sizes/r/sft/_pending.json").read_text())
+    assert pending["hash"] == run.stage("sft", run=learner(1)).hash

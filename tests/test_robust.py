@@ -31,7 +31,7 @@ from synth.robust import AugmentOptions, augmented_rows, clean_rows, evaluation_
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/robust/tiny.yaml")
 
-WORLD = 2  # the preset's numbers were chosen on worlds 0 and 1
+WORLD = 5  # the preset's numbers were chosen on worlds 0 and 1; world 5 is gradmatch's and lancet's too (one cached pretrain)
 E2E = ["arms.neftune=null", "arms.adversarial=null", "seeds=[0]", "max_concurrent_trials=2",
        f"data.world.seed={WORLD}", "eval.families=[typo,swap,casing,dropout]"]
 

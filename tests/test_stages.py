@@ -9,13 +9,19 @@ from pathlib import Path
 import pytest
 
 from cluster import storage
-from cluster.config import Options
+from cluster.config import Operational, Options
 from cluster.stages import Run, fetch, fingerprint
 
 
 class Opts(Options):
     lr: float = 0.1
     steps: int = 3
+
+
+class Resources(Options):
+    workers: int = 1
+    timeout_s: float = Operational(60.0)
+    opts: Opts = Opts()
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -39,6 +45,15 @@ def test_fingerprints_follow_inputs_and_upstream_stages(root):
     assert here.hash == there.hash
     assert run.stage("eval", model=model.path("s1", "model")).hash != here.hash
     assert fingerprint("eval", {"x": 1}) != fingerprint("other", {"x": 1})
+
+
+def test_operational_fields_decide_no_fingerprint():
+    """A longer timeout or more retries on a re-submit resumes the stage; more workers is another
+    run (nested options included)."""
+    base = fingerprint("train", {"scale": Resources()})
+    assert fingerprint("train", {"scale": Resources(timeout_s=600)}) == base
+    assert fingerprint("train", {"scale": Resources(workers=2)}) != base
+    assert fingerprint("train", {"scale": Resources(opts=Opts(steps=4))}) != base
 
 
 def test_ensure_commits_last_and_resumes_an_unfinished_build(root):
