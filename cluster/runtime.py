@@ -100,6 +100,9 @@ def init_ray(opts: RayOptions) -> None:
     # Ray's own processes (learner at about 0.8x a bare loop at nice 15, 0.9x at nice 0:
     # benchmarks/RESULTS.md). A cluster's Ray is started by its operator and keeps its default.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # Train V2 starts a preemption watcher actor beside every run (one more process, about 4 CPU-s
+    # to start): it reacts to a cloud node's drain notice, which a local Ray never gets.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(
         address="local",  # a new local Ray, even when another one runs on this machine
