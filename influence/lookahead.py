@@ -8,6 +8,8 @@ response tokens), and measure how much the reference loss dropped:
 
 Here that is `exact_influence`, run against a `WarmState` held in memory: restoring it is a few
 tensor copies, not a checkpoint reload, and a probe leaves no trace in the model or optimizer.
+The probe actors' `ExactScorer` computes the same step out of place, into a float32 scratch copy
+of the weights (no restore per candidate, and an update that survives bfloat16 weights).
 
 Reference loss (one definition, used everywhere): token-weighted mean next-token NLL over all
 response tokens of the reference set, sum(nll) / count(tokens with label != -100). It does not
@@ -218,20 +220,77 @@ def exact_influence(state: WarmState, candidate: Example | Batch, ref_batches: S
 
 
 class ExactScorer:
-    """What a probe actor holds: a warm state, the reference batches and L0, computed once.
+    """What a probe actor holds: a warm state, one float32 scratch copy of its weights, the
+    reference batches and L0, computed once.
+
+    A probe never touches the warm state: the candidate's gradient is taken at the warm weights,
+    and theta' = theta - lr * u(g; m, v, t) (`_adam_direction`: torch's AdamW step, written out)
+    goes straight into the scratch copy, where the reference loss is measured. The moments after
+    the step are never needed, so nothing is snapshotted or restored per candidate
+    (`exact_influence` does the step in place and undoes it: the reference this is tested against).
+
+    The scratch copy is float32 whatever the warm weights are: at 8B learning rates (1e-6 to 5e-6)
+    one AdamW step changes a few percent of bfloat16 weights at all and the rest rounds away, so
+    a pure-bf16 look-ahead measures rounding, not the update (tests/test_lookahead.py). The first
+    score prints that share for the warm weights' dtype (`update_survival`).
 
     `score(batch)` follows the `cluster.probes.Scorer` protocol (list of example dicts in, one
     float per example out) without importing it: this module knows nothing about Ray.
     """
 
     def __init__(self, state: WarmState, ref_batches: Sequence[Batch]):
+        import copy
+
         self.state, self.ref_batches = state, [to_device(b, state.model) for b in ref_batches]
         state.restore()
-        state.model.eval()
-        self.L0 = reference_loss(state.model, self.ref_batches)
+        self.scratch = copy.deepcopy(state.model).float().eval()
+        by_id = {id(p): (p, g) for g in state.optimizer.param_groups for p in g["params"]}
+        base = dict(state.model.named_parameters())
+        self.pairs = [(by_id[id(base[n])], q) for n, q in self.scratch.named_parameters() if id(base[n]) in by_id]
+        self.L0 = reference_loss(self.scratch, self.ref_batches)
+        self.reported = False
+
+    @torch.no_grad()
+    def _look_ahead(self) -> None:
+        """theta' into the scratch copy, from the gradients on the warm weights (AdamW skips a
+        parameter without a gradient: it stays theta)."""
+        for (p, group), q in self.pairs:
+            w = p.detach().float()
+            if p.grad is None:
+                q.copy_(w)
+                continue
+            u = _adam_direction(p.grad.float(), w, self.state.optimizer.state.get(p, {}), group)
+            q.copy_(w - group["lr"] * u)
+
+    def influence(self, candidate: Example | Batch) -> float:
+        batch = candidate if torch.is_tensor(candidate["input_ids"]) and candidate["input_ids"].dim() == 2 else collate([candidate])
+        model = self.state.model
+        model.train()
+        model.zero_grad(set_to_none=True)
+        (candidate_loss(model, batch) / self.state.loss_divisor).backward()
+        self._look_ahead()
+        if not self.reported:
+            self.reported = True
+            dtype = next(model.parameters()).dtype
+            print(f"[probe] one AdamW step at lr {self.state.optimizer.param_groups[0]['lr']:.3g} changes "
+                  f"{update_survival(self.pairs, dtype):.1%} of the {dtype} weights; scored in float32", flush=True)
+        model.zero_grad(set_to_none=True)
+        return self.L0 - reference_loss(self.scratch, self.ref_batches)
 
     def score(self, batch: Sequence[Example]) -> list[float]:
-        return [exact_influence(self.state, ex, self.ref_batches, self.L0) for ex in batch]
+        return [self.influence(ex) for ex in batch]
+
+
+@torch.no_grad()
+def update_survival(pairs, dtype: torch.dtype) -> float:
+    """Share of weight elements whose look-ahead value theta' (in the scratch copies of `pairs`)
+    differs from theta once both are rounded to `dtype`: what a look-ahead in that dtype keeps of
+    the update."""
+    changed = total = 0
+    for (p, _), q in pairs:
+        changed += int((q.to(dtype) != p.detach().to(dtype)).sum())
+        total += p.numel()
+    return changed / max(total, 1)
 
 
 # ----------------------------------------------------------------------------- fast estimate

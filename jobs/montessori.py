@@ -8,8 +8,9 @@ Method, as in the paper and its code (cxcscmu/Montessori-Instruct):
 2. The teacher, prompted with `teacher.prompt.in_context` (8) seed instructions, samples k (4)
    candidate instructions per prompt (T=1.0, top-p 0.9) and a response to each (T=0.6, top-p 0.9).
 3. Local data influence of candidate z, on a pool of Ray actors that each hold the warm student
-   in memory: restore weights and Adam moments, take one AdamW step on z alone (loss on response
+   in memory: one AdamW step on z alone from the warm weights and moments (loss on response
    tokens, divided by `probes.loss_divisor`: the official code's 8 processes each divide by 8),
+   written into a float32 scratch copy so a bf16 student's update does not round away,
    I(z) = L_ref(before) - L_ref(after) on the reference set (token-weighted here; the official
    code averages per-batch means: `influence/lookahead.py` and `benchmarks/bench_fidelity.py`).
 4. Preference pairs: within a prompt, every positive x negative candidate is (chosen, rejected) on

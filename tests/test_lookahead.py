@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from influence.lookahead import (
+    ExactScorer,
     WarmState,
     _adam_direction,
     approx_influence,
@@ -265,6 +266,57 @@ def test_mixed_signs_form_the_reload_loops_pairs(problem, tmp_path):
         return {(p["chosen"], p["rejected"]) for p in preference_pairs(group, {str(i): float(v) for i, v in enumerate(scores)})}
 
     assert pairs(exact) == pairs(plain) and len(pairs(exact)) == int((exact > 0).sum()) * int((exact < 0).sum())
+
+
+def test_the_probe_actors_out_of_place_step_scores_as_the_in_place_step(problem):
+    """ExactScorer writes theta' = theta - lr u(g; m, v, t) into a float32 scratch copy instead of
+    stepping the warm state and restoring it: the same scores to well below the smallest gap
+    between two of them (so the same preference pairs), and the warm state untouched."""
+    state, _, ref_batches, cands, L0, exact = problem
+    weights = copy.deepcopy(state.model.state_dict())
+    scorer = ExactScorer(state, ref_batches)
+    out = torch.tensor(scorer.score(cands), dtype=torch.float64)
+    gap = float(exact.sort().values.diff().min())
+    assert scorer.L0 == pytest.approx(L0, abs=1e-9)
+    assert torch.allclose(out, exact, rtol=0, atol=gap / 10), ((out - exact).abs().max(), gap)
+    assert all(torch.equal(v, weights[k]) for k, v in state.model.state_dict().items())
+    assert all(p.grad is None for p in state.params)
+
+
+PROBE_LR = 5e-6  # the 8B preset's probe learning rate
+
+
+def test_a_bf16_look_ahead_measures_rounding_and_the_float32_scratch_measures_the_update(capsys):
+    """At an 8B probe learning rate, one AdamW step on bfloat16 weights and moments changes a few
+    percent of the weights at all: its scores do not rank like the float32 scores. The scorer's
+    float32 scratch copy over the same bfloat16 warm state does (and says how much survives)."""
+    model, opt, g = warm_student(steps=30)
+    for group in opt.param_groups:
+        group["lr"] = PROBE_LR
+    ref = batched([make_example(g) for _ in range(32)], 8)
+    cands = [make_example(g, q) for q in torch.linspace(0, 1, 24).tolist()] + [copy_example(g) for _ in range(8)]
+
+    def warm(dtype) -> WarmState:
+        m = copy.deepcopy(model).to(dtype)
+        o = torch.optim.AdamW(m.parameters())
+        o.load_state_dict(opt.state_dict())  # moments cast to the weights' dtype, lr PROBE_LR
+        return WarmState(m, o)
+
+    def in_place(state: WarmState) -> list[float]:
+        state.model.eval()
+        L0 = reference_loss(state.model, ref)
+        return [exact_influence(state, c, ref, L0) for c in cands]
+
+    truth = in_place(warm(torch.float32))
+    pure_bf16 = in_place(warm(torch.bfloat16))
+    capsys.readouterr()
+    scratch = ExactScorer(warm(torch.bfloat16), ref).score(cands)
+    log = capsys.readouterr().out
+    spread = max(truth) - min(truth)
+    assert spearman(pure_bf16, truth) < 0.5, spearman(pure_bf16, truth)  # -0.23 here
+    assert spearman(scratch, truth) > 0.95 and max(abs(a - b) for a, b in zip(scratch, truth)) < 0.05 * spread
+    share = float(log.split("changes ")[1].split("%")[0]) / 100
+    assert "torch.bfloat16 weights; scored in float32" in log and 0 < share < 0.2, log  # 4.5% here
 
 
 def test_spearman():
