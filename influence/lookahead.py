@@ -128,11 +128,14 @@ class WarmState:
     (no allocation, no deepcopy, no disk), so the optimizer keeps pointing at the same tensors.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_divisor: float = 1.0):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_divisor: float = 1.0,
+                 snapshot: bool = True):
         self.model, self.optimizer = model, optimizer
         self.loss_divisor = loss_divisor  # a probe steps on grad(loss / loss_divisor) (module doc)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.snapshot()
+        self._params = None  # no snapshot: for `ExactScorer` alone, which never steps the state
+        if snapshot:
+            self.snapshot()
 
     def snapshot(self) -> None:
         """Make the current weights and optimizer state the ones `restore` returns to."""
@@ -149,6 +152,8 @@ class WarmState:
     @torch.no_grad()
     def restore(self) -> None:
         """Put weights, moments, step counts and hyperparameters back; drop gradients."""
+        if self._params is None:
+            raise RuntimeError("this WarmState keeps no snapshot to restore (snapshot=False)")
         for p, saved, st in zip(self.params, self._params, self._state):
             p.copy_(saved)
             p.grad = None
@@ -178,19 +183,20 @@ def save_warm(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def load_warm(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
-              attn_implementation: str = "eager", loss_divisor: float = 1.0) -> WarmState:
+              attn_implementation: str = "eager", loss_divisor: float = 1.0, snapshot: bool = True) -> WarmState:
     """Load what `save_warm` wrote, onto `device` ("auto": the layers spread over every visible
     GPU, for a student larger than one). The AdamW is rebuilt once the weights are in place and
     then loaded (its state follows each parameter's device), so lr/betas/eps/wd and the step
     count come from the warm-up (the paper's code relies on the same; a fresh AdamW alone would
     silently step at the default lr 1e-3). Weights are read from safetensors, the optimizer state
-    with weights_only=True."""
+    with weights_only=True. `snapshot=False` for a probe actor's `ExactScorer`: no in-memory copy
+    of weights and moments to restore (at 8B, ~48 GB less per actor)."""
     from cluster.models import load_model
 
     model = load_model(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
     optimizer = torch.optim.AdamW(model.parameters())
     optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", weights_only=True, map_location="cpu"))
-    return WarmState(model, optimizer, loss_divisor)
+    return WarmState(model, optimizer, loss_divisor, snapshot)
 
 
 # ----------------------------------------------------------------------------- exact influence
@@ -242,25 +248,33 @@ class ExactScorer:
         import copy
 
         self.state, self.ref_batches = state, [to_device(b, state.model) for b in ref_batches]
-        state.restore()
         self.scratch = copy.deepcopy(state.model).float().eval()
         by_id = {id(p): (p, g) for g in state.optimizer.param_groups for p in g["params"]}
         base = dict(state.model.named_parameters())
         self.pairs = [(by_id[id(base[n])], q) for n, q in self.scratch.named_parameters() if id(base[n]) in by_id]
+        for group in state.optimizer.param_groups:
+            _plain_adamw(group)
         self.L0 = reference_loss(self.scratch, self.ref_batches)
         self.reported = False
 
     @torch.no_grad()
     def _look_ahead(self) -> None:
-        """theta' into the scratch copy, from the gradients on the warm weights (AdamW skips a
-        parameter without a gradient: it stays theta)."""
+        """theta' into the scratch copy, from the gradients on the warm weights, in torch's AdamW
+        order (`_adam_direction` is the same step, written for extra leading dimensions): decay
+        theta, then step by lr/bc1 * m' / (sqrt(v')/sqrt(bc2) + eps). One temporary per tensor.
+        AdamW skips a parameter without a gradient: it stays theta."""
         for (p, group), q in self.pairs:
-            w = p.detach().float()
+            w = p.detach().float()  # the weights themselves when they are float32 (never written)
             if p.grad is None:
                 q.copy_(w)
                 continue
-            u = _adam_direction(p.grad.float(), w, self.state.optimizer.state.get(p, {}), group)
-            q.copy_(w - group["lr"] * u)
+            g = p.grad.float()
+            b1, b2 = group["betas"]
+            m, v, t = _moments(p, self.state.optimizer.state.get(p, {}))
+            bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+            denom = v.float().mul(b2).addcmul_(g, g, value=1 - b2).sqrt_().div_(math.sqrt(bc2)).add_(group["eps"])
+            q.copy_(m).mul_(b1).add_(g, alpha=1 - b1).div_(denom).mul_(-group["lr"] / bc1)
+            q.add_(w, alpha=1 - group["lr"] * group["weight_decay"])
 
     def influence(self, candidate: Example | Batch) -> float:
         batch = candidate if torch.is_tensor(candidate["input_ids"]) and candidate["input_ids"].dim() == 2 else collate([candidate])
@@ -304,6 +318,12 @@ def _moments(p: Tensor, st: Mapping[str, Any]) -> tuple[Tensor, Tensor, float]:
     return zero, zero, 0.0
 
 
+def _plain_adamw(group: Mapping[str, Any]) -> None:
+    """The AdamW step written out here is torch's plain one: refuse anything else."""
+    if group.get("amsgrad") or group.get("maximize") or (group["weight_decay"] and not group.get("decoupled_weight_decay")):
+        raise NotImplementedError("the written-out AdamW step supports plain AdamW (no amsgrad, maximize or L2 weight decay)")
+
+
 def _adam_direction(
     g: Tensor, p: Tensor, st: Mapping[str, Any], group: Mapping[str, Any], g2: Tensor | None = None
 ) -> Tensor:
@@ -314,8 +334,7 @@ def _adam_direction(
     Elementwise, so g may carry extra leading (per-candidate) dimensions. Nonlinear in g through
     v'; linear in g when g2 is held fixed.
     """
-    if group.get("amsgrad") or group.get("maximize") or (group["weight_decay"] and not group.get("decoupled_weight_decay")):
-        raise NotImplementedError("approx_influence supports plain AdamW (no amsgrad, maximize or L2 weight decay)")
+    _plain_adamw(group)
     b1, b2 = group["betas"]
     m, v, t = _moments(p, st)
     m2 = b1 * m + (1 - b1) * g

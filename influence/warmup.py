@@ -94,6 +94,6 @@ def warm_scorer(warm: str, reference: str, max_length: int, batch_size: int, dev
 
     local = fetch(warm)
     tok = load_tokenizer(local)
-    state = load_warm(local, device=device, loss_divisor=loss_divisor)  # in the dtype the warm-up saved
+    state = load_warm(local, device=device, loss_divisor=loss_divisor, snapshot=False)  # in the dtype the warm-up saved
     ref = [tokenize_sft(tok, r["prompt"], r["completion"], max_length) for r in read_rows(reference)]
     return ExactScorer(state, batched(ref, batch_size, tok.pad_token_id))
