@@ -31,6 +31,7 @@ Pure torch: no Ray, no jobs; the probe pool (cluster.probes) runs `ExactScorer` 
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -202,12 +203,18 @@ def load_warm(path: str | Path, device: str = "cpu", dtype: torch.dtype | None =
 # ----------------------------------------------------------------------------- exact influence
 
 
-def probe_step(state: WarmState, candidate: Example | Batch) -> None:
-    """One AdamW step on one candidate (batch of 1, response-token loss) from the current state."""
+def candidate_gradient(state: WarmState, candidate: Example | Batch) -> None:
+    """The gradient of one candidate's loss / `loss_divisor` (batch of 1, response tokens) at the
+    state's current weights, left in `.grad`: what a probe step steps on."""
     batch = candidate if torch.is_tensor(candidate["input_ids"]) and candidate["input_ids"].dim() == 2 else collate([candidate])
     state.model.train()
     state.optimizer.zero_grad(set_to_none=True)
     (candidate_loss(state.model, batch) / state.loss_divisor).backward()
+
+
+def probe_step(state: WarmState, candidate: Example | Batch) -> None:
+    """One AdamW step on one candidate (batch of 1, response-token loss) from the current state."""
+    candidate_gradient(state, candidate)
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
 
@@ -245,50 +252,34 @@ class ExactScorer:
     """
 
     def __init__(self, state: WarmState, ref_batches: Sequence[Batch]):
-        import copy
-
         self.state, self.ref_batches = state, [to_device(b, state.model) for b in ref_batches]
         self.scratch = copy.deepcopy(state.model).float().eval()
         by_id = {id(p): (p, g) for g in state.optimizer.param_groups for p in g["params"]}
         base = dict(state.model.named_parameters())
         self.pairs = [(by_id[id(base[n])], q) for n, q in self.scratch.named_parameters() if id(base[n]) in by_id]
-        for group in state.optimizer.param_groups:
-            _plain_adamw(group)
         self.L0 = reference_loss(self.scratch, self.ref_batches)
         self.reported = False
 
     @torch.no_grad()
     def _look_ahead(self) -> None:
-        """theta' into the scratch copy, from the gradients on the warm weights, in torch's AdamW
-        order (`_adam_direction` is the same step, written for extra leading dimensions): decay
-        theta, then step by lr/bc1 * m' / (sqrt(v')/sqrt(bc2) + eps). One temporary per tensor.
-        AdamW skips a parameter without a gradient: it stays theta."""
+        """theta' into the scratch copy, from the gradients on the warm weights (AdamW skips a
+        parameter without a gradient: it stays theta)."""
         for (p, group), q in self.pairs:
-            w = p.detach().float()  # the weights themselves when they are float32 (never written)
+            w = p.detach().float()
             if p.grad is None:
                 q.copy_(w)
                 continue
-            g = p.grad.float()
-            b1, b2 = group["betas"]
-            m, v, t = _moments(p, self.state.optimizer.state.get(p, {}))
-            bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-            denom = v.float().mul(b2).addcmul_(g, g, value=1 - b2).sqrt_().div_(math.sqrt(bc2)).add_(group["eps"])
-            q.copy_(m).mul_(b1).add_(g, alpha=1 - b1).div_(denom).mul_(-group["lr"] / bc1)
-            q.add_(w, alpha=1 - group["lr"] * group["weight_decay"])
+            q.copy_(w - group["lr"] * _adam_direction(p.grad.float(), w, self.state.optimizer.state.get(p, {}), group))
 
     def influence(self, candidate: Example | Batch) -> float:
-        batch = candidate if torch.is_tensor(candidate["input_ids"]) and candidate["input_ids"].dim() == 2 else collate([candidate])
-        model = self.state.model
-        model.train()
-        model.zero_grad(set_to_none=True)
-        (candidate_loss(model, batch) / self.state.loss_divisor).backward()
+        candidate_gradient(self.state, candidate)
         self._look_ahead()
         if not self.reported:
             self.reported = True
-            dtype = next(model.parameters()).dtype
+            dtype = next(self.state.model.parameters()).dtype
             print(f"[probe] one AdamW step at lr {self.state.optimizer.param_groups[0]['lr']:.3g} changes "
                   f"{update_survival(self.pairs, dtype):.1%} of the {dtype} weights; scored in float32", flush=True)
-        model.zero_grad(set_to_none=True)
+        self.state.optimizer.zero_grad(set_to_none=True)
         return self.L0 - reference_loss(self.scratch, self.ref_batches)
 
     def score(self, batch: Sequence[Example]) -> list[float]:
@@ -318,12 +309,6 @@ def _moments(p: Tensor, st: Mapping[str, Any]) -> tuple[Tensor, Tensor, float]:
     return zero, zero, 0.0
 
 
-def _plain_adamw(group: Mapping[str, Any]) -> None:
-    """The AdamW step written out here is torch's plain one: refuse anything else."""
-    if group.get("amsgrad") or group.get("maximize") or (group["weight_decay"] and not group.get("decoupled_weight_decay")):
-        raise NotImplementedError("the written-out AdamW step supports plain AdamW (no amsgrad, maximize or L2 weight decay)")
-
-
 def _adam_direction(
     g: Tensor, p: Tensor, st: Mapping[str, Any], group: Mapping[str, Any], g2: Tensor | None = None
 ) -> Tensor:
@@ -334,7 +319,8 @@ def _adam_direction(
     Elementwise, so g may carry extra leading (per-candidate) dimensions. Nonlinear in g through
     v'; linear in g when g2 is held fixed.
     """
-    _plain_adamw(group)
+    if group.get("amsgrad") or group.get("maximize") or (group["weight_decay"] and not group.get("decoupled_weight_decay")):
+        raise NotImplementedError("the written-out AdamW step supports plain AdamW (no amsgrad, maximize or L2 weight decay)")
     b1, b2 = group["betas"]
     m, v, t = _moments(p, st)
     m2 = b1 * m + (1 - b1) * g
