@@ -212,6 +212,20 @@ def candidate_gradient(state: WarmState, candidate: Example | Batch) -> None:
     (candidate_loss(state.model, batch) / state.loss_divisor).backward()
 
 
+def per_candidate_gradients(state: WarmState):
+    """f(params, input_ids [B, T], labels [B, T]) -> {name: [B, *shape]}: each candidate's gradient
+    of its own loss / `loss_divisor` (response-token mean, batch of 1), all at once (torch.func
+    vmap over grad). Right padding + causal attention: pads come after every real token, so no
+    attention mask is needed (none has to cross vmap); the labels already ignore them."""
+    model, buffers = state.model, dict(state.model.named_buffers())
+
+    def one_loss(p: dict[str, Tensor], ids: Tensor, labels: Tensor) -> Tensor:
+        logits = functional_call(model, (p, buffers), (ids[None],)).logits
+        return token_nll(logits, labels[None]).sum() / (labels[1:] != IGNORE_INDEX).sum().clamp(min=1) / state.loss_divisor
+
+    return vmap(grad(one_loss), in_dims=(None, 0, 0))
+
+
 def probe_step(state: WarmState, candidate: Example | Batch) -> None:
     """One AdamW step on one candidate (batch of 1, response-token loss) from the current state."""
     candidate_gradient(state, candidate)
@@ -247,12 +261,17 @@ class ExactScorer:
     a pure-bf16 look-ahead measures rounding, not the update (tests/test_lookahead.py). The first
     score prints that share for the warm weights' dtype (`update_survival`).
 
+    `at_once` > 1 scores that many candidates together (`_score_at_once`, torch.func): the same
+    step and loss, batched on a leading dimension, with `at_once` float32 copies of the weights, so
+    for students small enough that one candidate leaves the hardware idle.
+
     `score(batch)` follows the `cluster.probes.Scorer` protocol (list of example dicts in, one
     float per example out) without importing it: this module knows nothing about Ray.
     """
 
-    def __init__(self, state: WarmState, ref_batches: Sequence[Batch]):
+    def __init__(self, state: WarmState, ref_batches: Sequence[Batch], at_once: int = 1):
         self.state, self.ref_batches = state, [to_device(b, state.model) for b in ref_batches]
+        self.at_once = at_once
         self.scratch = copy.deepcopy(state.model).float().eval()
         by_id = {id(p): (p, g) for g in state.optimizer.param_groups for p in g["params"]}
         base = dict(state.model.named_parameters())
@@ -271,19 +290,53 @@ class ExactScorer:
                 continue
             q.copy_(w - group["lr"] * _adam_direction(p.grad.float(), w, self.state.optimizer.state.get(p, {}), group))
 
-    def influence(self, candidate: Example | Batch) -> float:
-        candidate_gradient(self.state, candidate)
-        self._look_ahead()
+    def _report(self, pairs) -> None:
+        """Once per scorer: how much of a look-ahead step the warm weights' dtype would keep."""
         if not self.reported:
             self.reported = True
             dtype = next(self.state.model.parameters()).dtype
             print(f"[probe] one AdamW step at lr {self.state.optimizer.param_groups[0]['lr']:.3g} changes "
-                  f"{update_survival(self.pairs, dtype):.1%} of the {dtype} weights; scored in float32", flush=True)
+                  f"{update_survival(pairs, dtype):.1%} of the {dtype} weights; scored in float32", flush=True)
+
+    def influence(self, candidate: Example | Batch) -> float:
+        candidate_gradient(self.state, candidate)
+        self._look_ahead()
+        self._report(self.pairs)
         self.state.optimizer.zero_grad(set_to_none=True)
         return self.L0 - reference_loss(self.scratch, self.ref_batches)
 
+    @torch.no_grad()
+    def _score_at_once(self, candidates: Sequence[Example]) -> list[float]:
+        """`influence` for several candidates together: their gradients at the warm weights by
+        vmap(grad) (`per_candidate_gradients`), theta'_i = theta - lr u(g_i) for all i at once
+        (`_adam_direction` broadcasts over the leading dimension), and the reference loss under
+        every theta'_i by one vmapped forward per reference batch over the float32 scratch module.
+        AdamW steps every parameter of a Llama (each one has a gradient), as here."""
+        st = self.state
+        b = to_device(collate(candidates), st.model)
+        params = st.named_params()
+        with torch.enable_grad():
+            grads = per_candidate_gradients(st)({n: p.detach() for n, p in params.items()}, b["input_ids"], b["labels"])
+        by_id = {id(p): g for g in st.optimizer.param_groups for p in g["params"]}
+        ahead = {}
+        for n, p in params.items():
+            w, group = p.detach().float(), by_id[id(p)]
+            ahead[n] = w - group["lr"] * _adam_direction(grads.pop(n).float(), w, st.optimizer.state.get(p, {}), group)
+        self._report([((params[n], None), q[0]) for n, q in ahead.items()])
+        buffers = dict(self.scratch.named_buffers())
+
+        def ref_nll(params: dict[str, Tensor], ids: Tensor, labels: Tensor) -> Tensor:
+            logits = functional_call(self.scratch, (params, buffers), (ids,)).logits  # right padding: no mask
+            return token_nll(logits, labels).double().sum()
+
+        total = sum(vmap(ref_nll, in_dims=(0, None, None))(ahead, r["input_ids"], r["labels"]) for r in self.ref_batches)
+        count = sum(n_tokens(r) for r in self.ref_batches)
+        return (self.L0 - total.cpu() / count).tolist()
+
     def score(self, batch: Sequence[Example]) -> list[float]:
-        return [self.influence(ex) for ex in batch]
+        if self.at_once == 1:
+            return [self.influence(ex) for ex in batch]
+        return [x for i in range(0, len(batch), self.at_once) for x in self._score_at_once(batch[i : i + self.at_once])]
 
 
 @torch.no_grad()
@@ -345,11 +398,23 @@ def _adam_dots(g: Tensor, p: Tensor, st: Mapping[str, Any], group: Mapping[str, 
     return g.flatten(1) @ (w.flatten() * ((1 - b1) / bc1))
 
 
-def _item_losses(model: nn.Module, b: Batch) -> Tensor:
-    """Per-candidate mean response-token loss for a padded batch (no grad)."""
+def _item_losses(model: nn.Module, b: Batch, output_grads: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Per-candidate mean response-token loss for a padded batch (no grad), and with
+    `output_grads` each candidate's gradient of that loss with respect to the output layer's weight
+    ([B, vocab, hidden]), which needs no backward: sum_t (softmax(z_t) - onehot(y_t)) h_t^T / n."""
     b = to_device(b, model)
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    return token_nll(logits, b["labels"]).sum(1) / (b["labels"][:, 1:] != IGNORE_INDEX).sum(1).clamp(min=1)
+    h = model.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    logits = model.get_output_embeddings()(h)
+    n = (b["labels"][:, 1:] != IGNORE_INDEX).sum(1).clamp(min=1)
+    losses = token_nll(logits, b["labels"]).sum(1) / n
+    if not output_grads:
+        return losses, None
+    targets = b["labels"][:, 1:]
+    delta = torch.softmax(logits[:, :-1].float(), -1)
+    keep = targets != IGNORE_INDEX
+    delta.scatter_add_(-1, targets.clamp(min=0)[..., None], -keep[..., None].to(delta.dtype))
+    delta *= (keep / n[:, None])[..., None]
+    return losses, torch.einsum("btv,bth->bvh", delta, h[:, :-1].float())
 
 
 def approx_influence(
@@ -387,9 +452,15 @@ def approx_influence(
       (l_z(theta + w) - l_z(theta - w)) / 2 over a batch of candidates, two plain forwards, no
       per-sample gradients. Cheaper; loses the g_z^2 term of v' that "adam" keeps exactly. (The
       difference is of float32 losses: fine while lr-sized steps move losses by >> 1e-7.)
+    method="hybrid": "linear", plus the exact nonlinear term of the output layer, where the
+      frozen v' errs most (its rows for tokens the warm-up rarely predicted have v ~ 0, so the
+      candidate's own g^2 sets their step): lr <grad L, u(G_z) - u_s(0) - c G_z> with the output
+      layer's per-candidate gradient G_z read off the two forwards (softmax minus target, times
+      the last hidden states: no backward), read at theta + w (an O(|w|) error, far below the
+      approximation's). With tied embeddings G_z is the output side's share of that gradient only.
     """
-    if method not in ("adam", "linear") or around not in ("momentum", "warm"):
-        raise ValueError(f"method must be adam|linear and around momentum|warm, got {method!r}, {around!r}")
+    if method not in ("adam", "linear", "hybrid") or around not in ("momentum", "warm"):
+        raise ValueError(f"method must be adam|linear|hybrid and around momentum|warm, got {method!r}, {around!r}")
     state.restore()
     model, opt = state.model, state.optimizer
     model.eval()
@@ -423,15 +494,7 @@ def approx_influence(
     const = L0 - base if around == "momentum" else 0.0
     shift = u0 if around == "momentum" else {n: torch.zeros_like(p) for n, p in theta.items()}
 
-    buffers = dict(model.named_buffers())
-
-    def one_loss(p: dict[str, Tensor], ids: Tensor, labels: Tensor) -> Tensor:
-        # Right padding + causal attention: pads come after every real token, so no attention
-        # mask is needed (none has to cross vmap); the labels already ignore them.
-        logits = functional_call(model, (p, buffers), (ids[None],)).logits
-        return token_nll(logits, labels[None]).sum() / (labels[1:] != IGNORE_INDEX).sum().clamp(min=1) / state.loss_divisor
-
-    per_sample = vmap(grad(one_loss), in_dims=(None, 0, 0))
+    per_sample = per_candidate_gradients(state)
     order = sorted(range(len(candidates)), key=lambda i: len(candidates[i]["input_ids"]))  # less padding
     out = torch.empty(len(candidates), dtype=torch.float64)
 
@@ -451,18 +514,25 @@ def approx_influence(
             out[idx] = const + offset + score.cpu()
         return out
 
-    # method == "linear"
+    # method == "linear" or "hybrid"
     s2 = {n: torch.zeros_like(p) for n, p in theta.items()}
     if calibrate:
         b = to_device(collate([candidates[i] for i in order[:: max(1, len(order) // calibrate)][:calibrate]]), model)
         with torch.no_grad():
             s2 = {n: (g**2).mean(0) for n, g in per_sample(theta, b["input_ids"], b["labels"]).items()}
-    w, lin_const = {}, 0.0
+    w, lin_const, lin = {}, 0.0, {}
     for n, p in theta.items():
         us0 = _adam_direction(torch.zeros_like(p), p, sts[n], groups[n], s2[n])
         c = _adam_direction(torch.ones_like(p), p, sts[n], groups[n], s2[n]) - us0
         w[n] = lrs[n] * c * g_ref[n]
         lin_const += lrs[n] * float((g_ref[n] * (us0 - shift[n])).double().sum())
+        lin[n] = (us0, c)
+    hybrid = method == "hybrid"
+    if hybrid:  # the output layer's parameter name and its linear part <g_ref, u_s(0)> (the c G part is per candidate)
+        out_w = model.get_output_embeddings().weight
+        o = next(n for n, p in params.items() if p is out_w)
+        us0_o, c_o = lin[o]
+        base_o = float((g_ref[o] * us0_o).double().sum()) - float((g_ref[o] * groups[o]["weight_decay"] * theta[o]).double().sum())
     try:
         with torch.no_grad():
             for s in range(0, len(order), chunk_size):
@@ -470,12 +540,18 @@ def approx_influence(
                 b = collate([candidates[i] for i in idx])
                 for n, p in params.items():
                     p.add_(w[n])
-                up = _item_losses(model, b) / state.loss_divisor
+                up, g_up = _item_losses(model, b, hybrid)
                 for n, p in params.items():
                     p.sub_(2 * w[n])
-                down = _item_losses(model, b) / state.loss_divisor
+                down, _ = _item_losses(model, b)
                 state.restore()
-                out[idx] = const + lin_const + (up - down).double().cpu() / 2
+                score = lin_const + (up - down).double().cpu() / (2 * state.loss_divisor)
+                if hybrid:  # lr <g_ref, u(G) - u_s(0) - c G> for the output layer, exactly
+                    G = g_up / state.loss_divisor
+                    lin_part = (G * (c_o * g_ref[o])).flatten(1).double().sum(1)
+                    exact = _adam_dots(G, theta[o], sts[o], groups[o], g_ref[o]).double()
+                    score += lrs[o] * (exact - base_o - lin_part).cpu()
+                out[idx] = const + score
     finally:
         state.restore()
     return out

@@ -27,7 +27,8 @@ class WarmupOptions(Options):
 
     learning_rate: float = Field(1e-3, gt=0, description="peak learning rate, reached at the last step (paper: 5e-6)")
     epochs: int = Field(6, ge=1, description="passes over the warm-up set")
-    batch_size: int = Field(8, ge=1, description="examples per step")
+    batch_size: int = Field(8, ge=1, description="examples per forward (micro-batch)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step: a step sees batch_size x grad_accum examples (paper: 32)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (paper: 0)")
     max_length: int = Field(128, gt=0, description="tokens per example")
     num_cpus: float = Field(1, gt=0, description="logical CPUs of the warm-up task")
@@ -63,21 +64,26 @@ def warm_up_student(model: str, tokenizer: str, rows: str, opts: WarmupOptions, 
     student = load_model(fetch(model), attn_implementation="eager", dtype=opts.dtype, device=opts.device)
     examples = [tokenize_sft(tok, r["prompt"], r["completion"], opts.max_length) for r in read_rows(rows)]
     opt = torch.optim.AdamW(student.parameters(), lr=opts.learning_rate, weight_decay=opts.weight_decay)
-    steps = opts.epochs * math.ceil(len(examples) / opts.batch_size)
+    per_step = opts.batch_size * opts.grad_accum
+    steps = opts.epochs * math.ceil(len(examples) / per_step)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / steps))
     rng, losses = random.Random(seed), []
     student.train()
     for _ in range(opts.epochs):
         order = list(range(len(examples)))
         rng.shuffle(order)
-        for i in range(0, len(order), opts.batch_size):
-            batch = collate([examples[j] for j in order[i : i + opts.batch_size]], tok.pad_token_id)
-            loss = candidate_loss(student, batch)
-            loss.backward()
+        for i in range(0, len(order), per_step):
+            step = order[i : i + per_step]
+            micro = [step[j : j + opts.batch_size] for j in range(0, len(step), opts.batch_size)]
+            total = 0.0
+            for idx in micro:  # each micro-batch's token-mean loss, weighted by its share of the step's examples
+                loss = candidate_loss(student, collate([examples[j] for j in idx], tok.pad_token_id)) * (len(idx) / len(step))
+                loss.backward()
+                total += loss.item()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(total)
     with tempfile.TemporaryDirectory() as tmp:
         save_warm(tmp, student, opt)
         tok.save_pretrained(tmp)
@@ -85,9 +91,11 @@ def warm_up_student(model: str, tokenizer: str, rows: str, opts: WarmupOptions, 
     return {"steps": steps, "peak_lr": opt.param_groups[0]["lr"], "first_loss": losses[0], "last_loss": losses[-1]}
 
 
-def warm_scorer(warm: str, reference: str, max_length: int, batch_size: int, device: str, loss_divisor: float = 1.0):
+def warm_scorer(warm: str, reference: str, max_length: int, batch_size: int, device: str, loss_divisor: float = 1.0,
+                at_once: int = 1):
     """A probe actor's scorer: the warm student and its AdamW state stored at `warm` (a URI, read
-    once per node) and the reference table at `reference` (a Parquet URI), loaded into memory."""
+    once per node) and the reference table at `reference` (a Parquet URI), loaded into memory;
+    `at_once` candidates scored together."""
     from cluster.models import load_tokenizer
     from cluster.stages import fetch, read_rows
     from influence.lookahead import ExactScorer, batched, load_warm
@@ -96,4 +104,5 @@ def warm_scorer(warm: str, reference: str, max_length: int, batch_size: int, dev
     tok = load_tokenizer(local)
     state = load_warm(local, device=device, loss_divisor=loss_divisor, snapshot=False)  # in the dtype the warm-up saved
     ref = [tokenize_sft(tok, r["prompt"], r["completion"], max_length) for r in read_rows(reference)]
-    return ExactScorer(state, batched(ref, batch_size, tok.pad_token_id))
+    ref.sort(key=lambda e: len(e["input_ids"]))  # batches of like lengths: little padding (the loss is a token sum)
+    return ExactScorer(state, batched(ref, batch_size, tok.pad_token_id), at_once)

@@ -273,7 +273,7 @@ def influence(cfg: MontessoriOptions, run: Run, it: int, data: Stage, cands: Sta
             items = [{"id": c["id"], **tokenize_sft(tokenizer, cfg.student_template.format(instruction=c["instruction"]),
                                                      c["response"], n)} for c in cands.rows(f"s{s}") if c["kept"]]
             make = functools.partial(warm_scorer, str(warm.path(f"s{s}")), str(data.path("reference.parquet")), n,
-                                     p.reference_batch_size, p.device, p.loss_divisor)
+                                     p.reference_batch_size, p.device, p.loss_divisor, p.at_once)
             t0 = time.time()
             with ProbePool(make, p.num_actors, p.cpus_per_actor, p.gpus_per_actor) as pool:
                 pool.wait_ready()

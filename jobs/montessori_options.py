@@ -27,6 +27,7 @@ class ProbeOptions(Options):
     cpus_per_actor: float = Field(1, gt=0, description="logical CPUs per probe actor")
     gpus_per_actor: float = Field(0, ge=0, description="GPUs per probe actor")
     batch_size: int = Field(16, ge=1, description="candidates per actor call")
+    at_once: int = Operational(1, ge=1, description="candidates an actor scores together (torch.func, one float32 weight copy each: for students small enough that one candidate leaves the device idle); the same scores to float rounding")
     reference_batch_size: int = Field(16, ge=1, description="reference examples per forward (paper: 8)")
     device: str = Field("cpu", description="cpu, cuda, or auto: the warm student's layers spread over the actor's GPUs")
     loss_divisor: float = Field(8, gt=0, description="a probe steps on grad(loss / loss_divisor): the official code divides by its 8 processes (the paper's setup); 1: the plain gradient")
@@ -95,6 +96,45 @@ def check_models(cfg: MontessoriOptions) -> None:
                          cfg.teacher.tokenizer or cfg.teacher.model)
 
 
+def memory_parts(cfg: MontessoriOptions):
+    """What each GPU part of the preset holds (`cluster.memory`), or None when nothing runs on a GPU
+    or a model's shape is unknown on this machine."""
+    from cluster import memory as M
+
+    w, p, g = cfg.warmup, cfg.probes, cfg.teacher.generation
+    if not (w.num_gpus or p.gpus_per_actor or g.gpus_per_actor or cfg.dpo_scale.use_gpu or cfg.scale.use_gpu):
+        return None
+    student = M.shape_of(cfg.student.name, cfg.student.tiny)
+    teacher = M.shape_of(cfg.teacher.model) if cfg.teacher.model else student
+    if student is None or teacher is None:
+        return cfg.student.name if student is None else cfg.teacher.model
+    b = 2 if (w.dtype or "bfloat16") in ("bfloat16", "float16") else 4  # the warm state's dtype
+    one = student.activation_bytes(w.max_length, w.max_length, checkpointing=False)
+    new_tokens = max(cfg.teacher.instruction_sampling.max_new_tokens, cfg.teacher.response_sampling.max_new_tokens)
+    return [
+        # the warm-up's own loop: weights, gradients, AdamW moments in the warm dtype; no checkpointing
+        M.Part.layers_over("warm-up (one task)", w.num_gpus, student.params, 4 * b,
+                           student.activation_bytes(w.batch_size * w.max_length, w.max_length, checkpointing=False)),
+        # a probe actor: the warm state (weights, moments); per candidate scored at once, its
+        # gradient and the float32 copy theta' is written into, its backward and the logits of a
+        # reference batch
+        M.Part.layers_over("probe actor", p.gpus_per_actor, student.params, 3 * b + p.at_once * (b + 4),
+                           p.at_once * (one + p.reference_batch_size * w.max_length * student.vocab * 4)),
+        # a generation actor: the bf16 teacher and the KV cache of batch x k sequences
+        M.Part.layers_over("generation actor", g.gpus_per_actor, teacher.params, 2,
+                           teacher.kv_cache_bytes(g.batch_size * cfg.teacher.k * (cfg.dpo.max_length + new_tokens))),
+        # teacher DPO: policy + its frozen reference; chosen and rejected in one forward
+        M.Part(f"teacher DPO worker (x{cfg.dpo_scale.num_workers})", cfg.dpo_scale.num_workers, teacher.params,
+               M.learner_bytes_per_param(cfg.dpo_scale.zero_stage, cfg.dpo_scale.num_workers, cfg.dpo_scale.offload, 1),
+               teacher.activation_bytes(2 * cfg.dpo.batch_size * cfg.dpo.max_length, cfg.dpo.max_length,
+                                        cfg.dpo.gradient_checkpointing)),
+        M.Part(f"student SFT worker (x{cfg.scale.num_workers})", cfg.scale.num_workers, student.params,
+               M.learner_bytes_per_param(cfg.scale.zero_stage, cfg.scale.num_workers, cfg.scale.offload),
+               student.activation_bytes(cfg.sft.batch_size * cfg.sft.max_length, cfg.sft.max_length,
+                                        cfg.sft.gradient_checkpointing)),
+    ]
+
+
 def plan(cfg: MontessoriOptions) -> str:
     """--dry-run: stages, learner runs, resources, data sizes; starts nothing."""
     check(cfg)
@@ -136,4 +176,16 @@ def plan(cfg: MontessoriOptions) -> str:
         + (" + lm-eval harness" if cfg.eval.harness else "") + f"; seeds {cfg.seeds}",
         *harness,
         f"  tracking: W&B {cfg.tracking.mode}, project {cfg.tracking.project}",
+        *memory_lines(cfg),
     ])
+
+
+def memory_lines(cfg: MontessoriOptions) -> list[str]:
+    from cluster import memory as M
+
+    parts = memory_parts(cfg)
+    if parts is None:
+        return []
+    if isinstance(parts, str):
+        return [f"  memory per GPU: unknown (no config.json of {parts} on this machine, and not in cluster.memory.KNOWN)"]
+    return ["  " + line for line in M.table(parts)]

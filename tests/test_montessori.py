@@ -117,6 +117,36 @@ def test_tokenize_sft_matches_trl(tmp_path):
     assert len(tokenize_sft(tok, "Q\n", "x " * 200, 32)["input_ids"]) == 32
 
 
+def test_warm_up_accumulates_micro_batches_into_one_step(tmp_path):
+    """The 8B preset reaches the paper's 32 examples per warm-up step with micro-batches in one
+    process: batch 4 x accumulation 2 steps as batch 8 does (same steps, nearly the same weights;
+    micro-batches weigh by examples, not tokens), and unlike batch 4 alone (twice the steps)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    from influence.warmup import WarmupOptions, warm_up_student
+    from tests.conftest import tiny_llama
+
+    world = W.build_world(W.WorldOptions(num_people=20, bios_per_person=2))
+    model = tiny_llama(W.all_text(world), tmp_path / "m", vocab_size=400)
+    p = world.sft_people
+    rows = [{"prompt": f"Question: Where does {x.name} live?\n", "completion": f"Answer: {x.facts['city']}"} for x in p[:16]]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+
+    def warm(batch: int, accum: int) -> tuple[int, dict]:
+        out = tmp_path / f"w{batch}x{accum}"
+        stats = warm_up_student(str(model), str(model), str(tmp_path / "rows.parquet"),
+                                WarmupOptions(learning_rate=1e-2, epochs=2, batch_size=batch, grad_accum=accum), 0, str(out))
+        return stats["steps"], load_file(out / "model.safetensors")
+
+    def dist(a: dict, b: dict) -> float:
+        return float(sum((a[k] - b[k]).norm() ** 2 for k in a) ** 0.5)
+
+    (s8, w8), (s42, w42), (s4, w4) = warm(8, 1), warm(4, 2), warm(4, 1)
+    assert (s8, s42, s4) == (4, 4, 8)
+    assert dist(w42, w8) < 0.05 * dist(w4, w8), (dist(w42, w8), dist(w4, w8))
+
 def test_generation_on_actors_equals_in_process(ray_local, tmp_path):
     """The teacher writes the same candidates on a pool of Ray actors as in one process (every
     prompt batch carries its own sampling seed), a resumed pool gives them again from its shards,

@@ -85,6 +85,22 @@ def test_8b_schedules_reach_their_peak_and_checkpoint(job):
             assert 1 <= s.steps // opts.save_steps, (job, name, rows, s)
 
 
+def test_montessori_8b_takes_the_papers_global_batches():
+    """Examples per optimizer step as the paper's code runs them (warm-up 2 per device x 2
+    accumulation x 8 GPUs = 32; teacher DPO one process x 2 = 2; student SFT 8 x 2 x 2 = 32), read
+    from the trainer arguments each learner run would build (and the warm-up's own loop)."""
+    cfg = load_config(montessori_options.MontessoriOptions, "configs/montessori/llama3-8b.yaml", [])
+    assert cfg.warmup.batch_size * cfg.warmup.grad_accum == 32
+    for kind, opts, scale, paper in [("dpo", cfg.dpo, cfg.dpo_scale, 2), ("sft", cfg.sft, cfg.scale, 32)]:
+        run = LearnerRun(model="m", tokenizer="m", phases=[Phase(kind, "t.parquet", opts, objective=kind)], scale=scale)
+        common = _common_arguments(run, run.phases[0], "/tmp/unused", check_schedule(kind, opts, 10_000, scale.num_workers))
+        common.update(use_cpu=True, bf16=False)
+        args = objective(kind).arguments(common, opts)
+        ds = args.hf_deepspeed_config.config
+        assert args.per_device_train_batch_size * args.gradient_accumulation_steps * scale.num_workers == paper, kind
+        assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * scale.num_workers == paper, kind
+
+
 def test_a_schedule_that_cannot_work_is_refused():
     """The old 8B falsity numbers (128 sequences per step: 21 steps, 20 of them warm-up; a save
     every 200) peaked at the phase's last step and never checkpointed inside it."""
