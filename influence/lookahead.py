@@ -455,9 +455,11 @@ def approx_influence(
     method="hybrid": "linear", plus the exact nonlinear term of the output layer, where the
       frozen v' errs most (its rows for tokens the warm-up rarely predicted have v ~ 0, so the
       candidate's own g^2 sets their step): lr <grad L, u(G_z) - u_s(0) - c G_z> with the output
-      layer's per-candidate gradient G_z read off the two forwards (softmax minus target, times
-      the last hidden states: no backward), read at theta + w (an O(|w|) error, far below the
-      approximation's). With tied embeddings G_z is the output side's share of that gradient only.
+      layer's per-candidate gradient G_z read off the forward at theta + w (softmax minus target,
+      times the last hidden states: no backward; reading it at theta + w instead of theta is an
+      O(|w|) error, far below the approximation's). With tied embeddings G_z is the output side's
+      share of that gradient only. Costs ~15% over "linear"; ranks like "adam" where the output
+      layer carries the nonlinearity (benchmarks/RESULTS.md).
     """
     if method not in ("adam", "linear", "hybrid") or around not in ("momentum", "warm"):
         raise ValueError(f"method must be adam|linear|hybrid and around momentum|warm, got {method!r}, {around!r}")

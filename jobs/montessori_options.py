@@ -4,7 +4,7 @@ that turn bad input into one line and exit code 2 before any stage is committed,
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cluster import storage
 from cluster.config import Operational, Options, UserError
@@ -31,6 +31,13 @@ class ProbeOptions(Options):
     reference_batch_size: int = Field(16, ge=1, description="reference examples per forward (paper: 8)")
     device: str = Field("cpu", description="cpu, cuda, or auto: the warm student's layers spread over the actor's GPUs")
     loss_divisor: float = Field(8, gt=0, description="a probe steps on grad(loss / loss_divisor): the official code divides by its 8 processes (the paper's setup); 1: the plain gradient")
+
+    @model_validator(mode="after")
+    def _at_once_on_one_device(self):
+        if self.at_once > 1 and self.device == "auto":
+            raise ValueError("at_once > 1 scores candidates with torch.func, which needs the student on one device "
+                             "(device cpu or cuda, not auto)")
+        return self
 
 
 class MontessoriOptions(JobOptions):

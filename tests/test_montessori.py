@@ -193,10 +193,11 @@ def run_cli(capsys, *argv):
     ("data.reference_people=0", "data.reference_size: empty reference set"),
     ("dpo.beta=-1", "dpo.beta: Input should be greater than 0"),
     ("stop_after=it3-dpo", "stop_after: this preset has no stage 'it3-dpo'"),
+    ("probes.at_once=4 probes.device=auto", "needs the student on one device"),
     ("teacher.instruction_sampling.top_p=1.5", "teacher.instruction_sampling.top_p"),
 ])
 def test_bad_option(capsys, override, expected):
-    code, err = run_cli(capsys, "--config", TINY, override, "--dry-run")
+    code, err = run_cli(capsys, "--config", TINY, *override.split(), "--dry-run")
     assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
 
 

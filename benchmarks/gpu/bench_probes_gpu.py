@@ -20,7 +20,8 @@ between arms, and where the reload loop's time goes. Appends its table to benchm
     python -m benchmarks.gpu.bench_probes_gpu [--layers 16] [--seq 512] [--ref 64] [--cands 8]
     python -m benchmarks.gpu.bench_probes_gpu --cpu-smoke   # the whole script on CPU at toy size
 
-Needs no network; about 4-6 minutes on one H100/H200 (the state is written to and read from disk).
+Needs no network; about 4-6 minutes on one H100/H200 (an estimate: not yet run on a GPU; the state is
+written to and read from disk).
 """
 
 from __future__ import annotations
