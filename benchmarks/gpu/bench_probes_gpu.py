@@ -97,7 +97,8 @@ def sync(device: str) -> None:
 def warm_student(shape: M.Shape, layers: int, device: str, dtype, g, seq: int, out: Path) -> int:
     """Random init, 3 AdamW steps (lr 5e-6, the 8B probe's) on 4 examples each, saved; returns parameters."""
     torch.manual_seed(0)
-    model = llama(shape, layers).to(device=device, dtype=dtype)
+    with torch.device(device):  # random init on the GPU itself: billions of parameters, not a CPU init then a copy
+        model = llama(shape, layers).to(dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-6, weight_decay=0.0)
     for _ in range(3):
         opt.zero_grad(set_to_none=True)
