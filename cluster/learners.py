@@ -645,10 +645,12 @@ def _step_of(hf_checkpoint: str | None) -> int:
     return int(json.loads(Path(hf_checkpoint, "trainer_state.json").read_text())["global_step"])
 
 
-def fit(run: LearnerRun, storage_path: str, *, in_tune: bool = False) -> FitResult:
+def fit(run: LearnerRun, storage_path: str) -> FitResult:
     """Run a learner as a Ray Train V2 `TorchTrainer`; Ray's checkpoints go under `storage_path`.
 
-    Call inside a Tune trial with `in_tune=True` so the run's reports reach Tune.
+    Inside a Tune trial the trial reports the result once, at the end (`cluster.sweep`): Train's
+    per-step reports are not forwarded to Tune (Ray's TuneReportCallback would start a queue actor,
+    one more process, per trial); the steps are watched in the logs and in W&B.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -656,11 +658,6 @@ def fit(run: LearnerRun, storage_path: str, *, in_tune: bool = False) -> FitResu
     # read by the Train controller, which inherits RAY_TRAIN_* variables from this process
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(run.scale.start_timeout_s)
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(run.scale.poll_interval_s)
-    callbacks = []
-    if in_tune:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"run": run},
@@ -679,7 +676,6 @@ def fit(run: LearnerRun, storage_path: str, *, in_tune: bool = False) -> FitResu
             failure_config=ray.train.FailureConfig(max_failures=run.scale.max_failures,
                                                    controller_failure_limit=run.scale.start_retries),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
         ),
     )
     result = trainer.fit()

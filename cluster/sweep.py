@@ -12,7 +12,8 @@ an unfinished checkpoint at the old size is refused with a line that says what t
 (`_refuse_another_size`): re-submit at the old size to resume, or start anew at the new one.
 
 Ray 2.60 runs Train V2, which rejects `Tuner(trainer)`: a trial is a function that builds and fits
-a `TorchTrainer` (`cluster.learners.fit(..., in_tune=True)`). The trial's driver holds a small CPU
+a `TorchTrainer` (`cluster.learners.fit`) and reports its result to Tune once, at the end (no
+per-step forwarding: no queue actor per trial). The trial's driver holds a small CPU
 share; its workers hold the learner's resources. On CPU, `max_concurrent_trials` is derived from
 what one trial needs and what the cluster has, so trials never wait on each other's workers; GPU
 trials are all handed to Tune, which queues them while the autoscaler adds nodes. Every run's schedule is
@@ -162,7 +163,7 @@ def _trial(config: dict, runs: dict[str, LearnerRun], storage: str) -> None:
 
     run = runs[config["key"]]
     started = time.time()
-    res: FitResult = fit(run, storage, in_tune=True)
+    res: FitResult = fit(run, storage)
     ray.tune.report({"key": config["key"], "model": res.model, "started_at": started, "ended_at": time.time(),
                      "trial_id": ray.tune.get_context().get_trial_id(), **res.metrics})
 
