@@ -147,7 +147,10 @@ def main() -> None:
         f"tokens; a batch pads to its longest row). Per epoch it trains on {aug_rows:.1f}x the rows; the job "
         "stops it at plain SFT's step count. R3F runs its clean and noised rows in one forward pass (1.81x "
         "before); its work per token is two forward and two backward passes' by construction (2x plain SFT's), "
-        "so 1.6x is out of reach without changing the method.", "",
+        "so 1.6x is out of reach without changing the method. The adversarial arm takes its ascent's input "
+        "gradient from the clean term's own backward, which also leaves the clean gradient on the parameters "
+        "(FreeLB's reuse): two forward and two backward passes, 2x plain SFT's work (2.27x before, with a "
+        "separate input-only backward).", "",
     ])
     print(text)
     write_results(RESULTS, text, SECTION)

@@ -138,7 +138,6 @@ def test_adversarial_delta_stays_in_its_ball_and_ascends(tiny, tmp_path):
     # the step overshoots the ball (projection binds) from a random start (pads must stay unperturbed)
     adv = build(tiny, tmp_path, R.AdversarialOptions(adv_eps=0.05, adv_step=0.2, adv_init=0.1, adv_weight=0.0))
     loss = loss_of(adv, b)
-    assert not any(p.grad is not None and p.grad.abs().sum() > 0 for p in adv.model.parameters())  # ascent: no param grads
     last = adv.last
     assert loss.item() == pytest.approx(plain, rel=1e-6) and last["clean"] == pytest.approx(plain, rel=1e-6)
     assert (last["delta_norm"] <= last["radius"] * (1 + 1e-5)).all() and last["delta_norm"].max() > 0.99 * last["radius"]
@@ -158,6 +157,33 @@ def test_adversarial_delta_stays_in_its_ball_and_ascends(tiny, tmp_path):
         "on_step_end": lambda self, *a, **k: ratios.append(float(adv.last["delta_norm"].max() / adv.last["radius"]))})())
     adv.train()
     assert len(ratios) == 3 and all(0.99 < r <= 1 + 1e-5 for r in ratios)
+
+
+def test_adversarial_gradient_is_both_terms_with_delta_fixed(tiny, tmp_path):
+    """The clean term's backward runs inside compute_loss (it also gives the ascent its input
+    gradient); with the Trainer's backward of the returned loss, the parameters hold the gradient
+    of CE(x) + w * CE(x + delta), delta fixed, as one backward through both terms gives it."""
+    from trl import SFTTrainer
+
+    adv = build(tiny, tmp_path, R.AdversarialOptions(adv_eps=0.5, adv_step=0.5, adv_weight=0.7))
+    b, model = batch(adv), adv.model
+    model.zero_grad(set_to_none=True)
+    loss = loss_of(adv, b)
+    loss.backward()  # what training_step does with it
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    delta = adv.last["delta"]
+
+    model.zero_grad(set_to_none=True)
+    emb = model.get_input_embeddings()(b["input_ids"])
+    rest = {k: v for k, v in b.items() if k != "input_ids"}
+    clean = SFTTrainer.compute_loss(adv, model, {**rest, "inputs_embeds": emb})
+    out = model(inputs_embeds=emb + delta, attention_mask=b["attention_mask"], labels=b["labels"], use_cache=False,
+                fused_lm_head=True)
+    (clean + 0.7 * adv._token_mean(-out.log_probs.sum(), out.label_mask.sum(), None)).backward()
+    assert loss.item() == pytest.approx(clean.item() + 0.7 * adv.last["adv"], rel=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.allclose(got[n], p.grad, rtol=1e-4, atol=1e-7), (n, float((got[n] - p.grad).abs().max()))
+    assert got["model.embed_tokens.weight"].abs().sum() > 0
 
 
 def test_neftune_is_trls_own_hook(tiny, tmp_path):
