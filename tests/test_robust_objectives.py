@@ -3,6 +3,10 @@ Ray: each trainer is built through the registry as the learner builds it (`argum
 factory with a Phase), and its `compute_loss` is checked on fixed batches."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,6 +190,44 @@ def test_adversarial_gradient_is_both_terms_with_delta_fixed(tiny, tmp_path):
     assert got["model.embed_tokens.weight"].abs().sum() > 0
 
 
+def _one_sgd_step(tiny: str, out: str, zero3: bool) -> None:
+    """One SGD step of 2 accumulated micro-batches of the adversarial arm, saved to `out`; with
+    `zero3`, under DeepSpeed ZeRO-3 in a world of one (run in its own process: it sets up
+    torch.distributed)."""
+    from cluster.learners import ScaleOptions, deepspeed_config
+
+    cfg = dict(optim="sgd", learning_rate=0.5, gradient_accumulation_steps=2, per_device_train_batch_size=2, max_grad_norm=1e9)
+    if zero3:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        cfg.update(deepspeed=deepspeed_config(ScaleOptions(num_workers=1, zero_stage=3, bf16=False)), ddp_backend="gloo")
+    trainer = build(Path(tiny), Path(out), R.AdversarialOptions(adv_eps=0.5, adv_step=0.5), steps=1, **cfg)
+    trainer.train()
+    trainer.save_model(out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_adversarial_step_under_zero3_is_the_step_without_deepspeed(tiny, tmp_path):
+    """Under DeepSpeed the clean term's backward is an engine backward at no accumulation
+    boundary, inside a step of accumulated micro-batches: the weights after one SGD step equal
+    the step without DeepSpeed (a doubled or dropped clean term moves them by about 0.08)."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for zero3 in (False, True):
+        out = tmp_path / f"zero3-{zero3}"
+        done = subprocess.run([sys.executable, __file__, str(tiny), str(out), "zero3" if zero3 else "plain"],
+                              cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                              env={**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        weights[zero3] = load_file(str(out / "model.safetensors"))
+    init = load_file(str(tiny / "model.safetensors"))
+    moved = max(float((weights[False][k] - init[k]).abs().max()) for k in init)
+    gap = max(float((weights[False][k] - weights[True][k]).abs().max()) for k in init)
+    assert moved > 0.05 and gap < 1e-6, (moved, gap)
+
+
 def test_neftune_is_trls_own_hook(tiny, tmp_path):
     trainer = build(tiny, tmp_path, R.NEFTuneOptions(neftune_alpha=7.0), steps=2)
     assert trainer.args.neftune_noise_alpha == 7.0
@@ -201,3 +243,7 @@ def test_neftune_is_trls_own_hook(tiny, tmp_path):
     assert seen == [(True, True, True)] * 2  # the hook is on during training and adds noise
     emb = trainer.model.get_input_embeddings().train()
     assert torch.equal(emb(ids), emb(ids))  # ... and removed afterwards
+
+
+if __name__ == "__main__":  # one arm of test_adversarial_step_under_zero3_is_the_step_without_deepspeed
+    _one_sgd_step(sys.argv[1], sys.argv[2], sys.argv[3] == "zero3")
