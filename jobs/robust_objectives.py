@@ -202,7 +202,6 @@ class AdversarialTrainer(_RobustSFT):
                      "adversarial/delta_norm": float(norms.mean() / token_norm), "adversarial/delta_kept": kept})
         return (loss, out) if return_outputs else loss
 
-
     def _clean_pass_context(self, model):
         """Under DDP the clean pass (forward and backward) runs without gradient sync: the
         Trainer's backward then all-reduces the sum of both terms once. DeepSpeed is told by
