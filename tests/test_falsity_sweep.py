@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import load_config
-from cluster.tracking import find_offline_runs, read_offline_run
+from cluster.tracking import OfflineRunError, find_offline_runs, read_offline_run
 from jobs import falsity_sweep as job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -209,10 +209,18 @@ def resume_step(checkpoint: dict, sft_steps: int) -> int:
 def test_wandb_offline_runs_read_back_and_hold_no_secret(sweep):
     _, summary, run, killed = sweep
     segments: dict[str, list[dict]] = {}
+    unwritten = []  # a worker killed with the driver while wandb.init was still writing its run record
     for p in find_offline_runs(run):  # sorted by start time: a run's segments in the order they were written
-        r = read_offline_run(p)
+        try:
+            r = read_offline_run(p)
+        except OfflineRunError:
+            unwritten.append(p.name.split("-", 3)[-1])  # offline-run-<time>-<run id>
+            continue
         segments.setdefault(r["id"], []).append(r)
     trials = {trial_key(i): segs for i, segs in segments.items() if "ratio" in segs[0]["config"]}
+    # such a segment's trial had no checkpoint yet; the restored sweep ran it again, in full
+    assert all(trial_key(i) in trials and trial_key(i) not in killed["checkpoints"]
+               and trials[trial_key(i)][-1]["complete"] for i in unwritten), unwritten
     assert len(trials) == 6  # one W&B run per trial, SFT and recovery in it, under one id across the kill
     assert {r["group"] for segs in segments.values() for r in segs} == {f"falsity_sweep-{summary['run_id']}"}
     sft_steps = int(summary["rows"][0]["sft_steps"])
