@@ -112,7 +112,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-learner-"))
     model_dir, tok_dir, data_dir, opts, params = setup(root, args)
 
-    # The bare loop runs twice: before Ray starts, on a quiet machine, and inside the local Ray as a
+    # The bare loop runs three times: before Ray starts, on a quiet machine, and inside the local Ray as a
     # task with the learner's worker resources (2 CPUs), once before and once after the learner, so
     # that both arms share the machine with Ray's own processes (GCS, raylet, dashboard, agents).
     # The learner's own overhead is learner / bare-in-Ray; learner / bare-outside adds Ray's.
