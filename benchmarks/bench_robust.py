@@ -73,6 +73,7 @@ def tables(root: Path, augment) -> tuple[str, dict[str, Dataset]]:
 
 
 GROUPED = "group_by_length"  # transformers' length-grouped sampler: batches of similar lengths, less padding
+BASELINE = {"random": "plain SFT", GROUPED: "plain SFT, length-grouped"}  # each sampler's 1.00x row
 
 
 def arms() -> dict[str, tuple[LearnerOptions, str, str]]:
@@ -103,8 +104,8 @@ def non_pad_share(trainer) -> float:
 
 
 def run_arm(name: str, opts: LearnerOptions, data: Dataset, model_dir: str, tok_dir: str, steps: int,
-            sampling: str) -> tuple[float, float]:
-    """Seconds per token over steps 2-N of one arm, and its batches' non-pad share."""
+            sampling: str):
+    """Seconds per token over steps 2-N of one arm, and its trainer (its batches: `non_pad_share`)."""
     phase = R.phase("train", "unused", opts)
     obj = objective(phase.objective)
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=opts.batch_size, learning_rate=opts.learning_rate,
@@ -119,7 +120,7 @@ def run_arm(name: str, opts: LearnerOptions, data: Dataset, model_dir: str, tok_
                                         tokenizer=load_tokenizer(tok_dir), callbacks=[clock], phase=phase, load_model=load_model))
     trainer.train()
     (ta, na), (tb, nb) = clock.marks[0], clock.marks[-1]
-    return (tb - ta) / (nb - na), non_pad_share(trainer)
+    return (tb - ta) / (nb - na), trainer
 
 
 def main() -> None:
@@ -137,19 +138,21 @@ def main() -> None:
                      intermediate_size=a.hidden * 4, max_position_embeddings=256, vocab_size=1024)
     model = build_tiny_model(tiny, load_tokenizer(tok_dir), 0, root / "model")
     params = sum(q.numel() for q in model.parameters())
-    per_token: dict[str, list[float]] = {name: [] for name in arms()}
-    share: dict[tuple[str, str], float] = {}
+    plan = arms()
+    per_token: dict[str, list[float]] = {name: [] for name in plan}
+    share: dict[tuple[str, str], float] = {}  # a table's batches under a sampler: the same for every arm and round
     for r in range(a.rounds):
-        for name, (opts, table, sampling) in arms().items():
-            s, share[table, sampling] = run_arm(name, opts, data[table], str(root / "model"), tok_dir, a.steps, sampling)
+        for name, (opts, table, sampling) in plan.items():
+            s, trainer = run_arm(name, opts, data[table], str(root / "model"), tok_dir, a.steps, sampling)
+            if (table, sampling) not in share:
+                share[table, sampling] = non_pad_share(trainer)
             per_token[name].append(s)
             print(f"round {r + 1}: {name}: {1 / s:,.0f} tokens/s", flush=True)
-    base = {s: statistics.median(per_token["plain SFT" + ("" if s == "random" else ", length-grouped")])
-            for s in ("random", GROUPED)}
+    base = {sampling: statistics.median(per_token[name]) for sampling, name in BASELINE.items()}
     lines = [f"| arm | tokens/s (median of {a.rounds}) | cost per token vs plain SFT (same batching) | real tokens "
              "in its batches | goal |", "|---|---|---|---|---|"]
     for name, xs in per_token.items():
-        _, table, sampling = arms()[name]
+        _, table, sampling = plan[name]
         ratio = statistics.median(xs) / base[sampling]
         goal = GOALS.get(name)
         verdict = "" if goal is None else f"<= {goal}x: **{'met' if ratio <= goal else 'not met'}**"
