@@ -32,7 +32,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from benchmarks.results import RESULTS, write_results  # noqa: E402
-from cluster.learners import LearnerOptions, TrainerInputs, objective  # noqa: E402
+from cluster.learners import SAMPLERS, LearnerOptions, TrainerInputs, objective  # noqa: E402
 from cluster.models import TinyLlama, build_tiny_model, load_model, load_tokenizer, train_tokenizer  # noqa: E402
 from jobs import robust_objectives as R  # noqa: E402
 from synth import world as W  # noqa: E402
@@ -72,24 +72,23 @@ def tables(root: Path, augment) -> tuple[str, dict[str, Dataset]]:
                                "augmented": Dataset.from_list(keep(augmented_rows(questions, augment, seed=0)))}
 
 
-GROUPED = "group_by_length"  # transformers' length-grouped sampler: batches of similar lengths, less padding
-BASELINE = {"random": "plain SFT", GROUPED: "plain SFT, length-grouped"}  # each sampler's 1.00x row
+BASELINE = {"random": "plain SFT", "by_length": "plain SFT, length-grouped"}  # each batching's 1.00x row
 
 
-def arms() -> dict[str, tuple[LearnerOptions, str, str]]:
-    """arm -> (its options, its table, its sampler); the options' class picks the objective. The last
-    two rows are not presets' arms: plain SFT and augmentation with length-grouped batches, to show
-    what padding costs augmentation."""
+def arms() -> dict[str, tuple[LearnerOptions, str]]:
+    """arm -> (its options, its table); the options' class picks the objective. The last two rows
+    are not the presets' arms: plain SFT and augmentation with length-grouped batches
+    (`batching: by_length`), to show what padding costs augmentation."""
     common = dict(learning_rate=1e-3, batch_size=16, max_length=128, warmup_steps=0, lr_scheduler="constant",
                   save_steps=10**6, logging_steps=10**6)
     return {
-        "plain SFT": (LearnerOptions(**common), "plain", "random"),
-        "augmentation": (LearnerOptions(**common), "augmented", "random"),
-        "neftune": (R.NEFTuneOptions(**common), "plain", "random"),
-        "r3f": (R.R3FOptions(**common), "plain", "random"),
-        "adversarial": (R.AdversarialOptions(**common), "plain", "random"),
-        "plain SFT, length-grouped": (LearnerOptions(**common), "plain", GROUPED),
-        "augmentation, length-grouped": (LearnerOptions(**common), "augmented", GROUPED),
+        "plain SFT": (LearnerOptions(**common), "plain"),
+        "augmentation": (LearnerOptions(**common), "augmented"),
+        "neftune": (R.NEFTuneOptions(**common), "plain"),
+        "r3f": (R.R3FOptions(**common), "plain"),
+        "adversarial": (R.AdversarialOptions(**common), "plain"),
+        "plain SFT, length-grouped": (LearnerOptions(**common, batching="by_length"), "plain"),
+        "augmentation, length-grouped": (LearnerOptions(**common, batching="by_length"), "augmented"),
     }
 
 
@@ -103,8 +102,7 @@ def non_pad_share(trainer) -> float:
     return real / slots
 
 
-def run_arm(name: str, opts: LearnerOptions, data: Dataset, model_dir: str, tok_dir: str, steps: int,
-            sampling: str):
+def run_arm(name: str, opts: LearnerOptions, data: Dataset, model_dir: str, tok_dir: str, steps: int):
     """Seconds per token over steps 2-N of one arm, and its trainer (its batches: `non_pad_share`)."""
     phase = R.phase("train", "unused", opts)
     obj = objective(phase.objective)
@@ -112,7 +110,7 @@ def run_arm(name: str, opts: LearnerOptions, data: Dataset, model_dir: str, tok_
                   max_steps=steps, lr_scheduler_type="constant", logging_steps=opts.logging_steps, save_strategy="no",
                   report_to="none", use_cpu=True, bf16=False, seed=0, data_seed=0, disable_tqdm=True, max_length=opts.max_length,
                   activation_checkpointing=False, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
-                  train_sampling_strategy=sampling)
+                  train_sampling_strategy=SAMPLERS[opts.batching])
     args = obj.arguments(common, opts)
     clock = _StepClock()
     torch.manual_seed(0)
@@ -140,23 +138,23 @@ def main() -> None:
     params = sum(q.numel() for q in model.parameters())
     plan = arms()
     per_token: dict[str, list[float]] = {name: [] for name in plan}
-    share: dict[tuple[str, str], float] = {}  # a table's batches under a sampler: the same for every arm and round
+    share: dict[tuple[str, str], float] = {}  # a table's batches under a batching: the same for every arm and round
     for r in range(a.rounds):
-        for name, (opts, table, sampling) in plan.items():
-            s, trainer = run_arm(name, opts, data[table], str(root / "model"), tok_dir, a.steps, sampling)
-            if (table, sampling) not in share:
-                share[table, sampling] = non_pad_share(trainer)
+        for name, (opts, table) in plan.items():
+            s, trainer = run_arm(name, opts, data[table], str(root / "model"), tok_dir, a.steps)
+            if (table, opts.batching) not in share:
+                share[table, opts.batching] = non_pad_share(trainer)
             per_token[name].append(s)
             print(f"round {r + 1}: {name}: {1 / s:,.0f} tokens/s", flush=True)
-    base = {sampling: statistics.median(per_token[name]) for sampling, name in BASELINE.items()}
+    base = {batching: statistics.median(per_token[name]) for batching, name in BASELINE.items()}
     lines = [f"| arm | tokens/s (median of {a.rounds}) | cost per token vs plain SFT (same batching) | real tokens "
              "in its batches | goal |", "|---|---|---|---|---|"]
     for name, xs in per_token.items():
-        _, table, sampling = plan[name]
-        ratio = statistics.median(xs) / base[sampling]
+        opts, table = plan[name]
+        ratio = statistics.median(xs) / base[opts.batching]
         goal = GOALS.get(name)
         verdict = "" if goal is None else f"<= {goal}x: **{'met' if ratio <= goal else 'not met'}**"
-        lines.append(f"| {name} | {1 / statistics.median(xs):,.0f} | {ratio:.2f}x | {share[table, sampling]:.1%} | {verdict} |")
+        lines.append(f"| {name} | {1 / statistics.median(xs):,.0f} | {ratio:.2f}x | {share[table, opts.batching]:.1%} | {verdict} |")
     aug_rows = len(data["augmented"]) / len(data["plain"])
     text = "\n".join([
         f"Command: `{' '.join(['python -m benchmarks.bench_robust', *sys.argv[1:]])}` — {time.strftime('%Y-%m-%d')}, "
@@ -173,8 +171,8 @@ def main() -> None:
         f"tokens; a batch pads to its longest row): its batches are {share['augmented', 'random']:.1%} real tokens against "
         f"plain SFT's {share['plain', 'random']:.1%} (one epoch of each trainer's dataloader), so padding alone makes "
         f"its work per token seen {share['plain', 'random'] / share['augmented', 'random']:.2f}x plain SFT's. With "
-        "length-grouped batches in both arms (transformers' `train_sampling_strategy=\"group_by_length\"`; the last "
-        "two rows, not a preset's setting) little padding is left in either. TRL's padding-free batches would remove "
+        "length-grouped batches in both arms (`batching: by_length`, transformers' length-grouped sampler; the "
+        "last two rows) little padding is left in either. TRL's padding-free batches would remove "
         "it too, but need FlashAttention: not on CPU. Per epoch it trains on "
         f"{aug_rows:.1f}x the rows; the job "
         "stops it at plain SFT's step count. R3F runs its clean and noised rows in one forward pass (1.81x "

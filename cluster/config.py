@@ -28,14 +28,22 @@ def Operational(default: Any, **kw: Any) -> Any:
     return Field(default, json_schema_extra={"fingerprint": False}, **kw)
 
 
+def Added(default: Any, **kw: Any) -> Any:
+    """A field added after runs were made with its model: it counts in stage fingerprints only
+    where it differs from its default, so those runs keep their fingerprints (and resume instead
+    of starting over) while a run that sets it gets stages of its own."""
+    return Field(default, json_schema_extra={"fingerprint": "unless default"}, **kw)
+
+
 def fingerprinted(model: BaseModel) -> dict[str, Any]:
     """The model's fields that decide results, as JSON (nested models likewise)."""
     dump = model.model_dump(mode="json")
     out = {}
     for name, spec in type(model).model_fields.items():
-        if (spec.json_schema_extra or {}).get("fingerprint", True) is False:
-            continue
+        mark = (spec.json_schema_extra or {}).get("fingerprint", True)
         value = getattr(model, name)
+        if mark is False or (mark == "unless default" and value == spec.default):
+            continue
         out[name] = fingerprinted(value) if isinstance(value, BaseModel) else dump[name]
     return out
 

@@ -39,7 +39,7 @@ from pydantic import Field, model_validator
 from transformers import TrainerCallback
 
 from cluster import storage
-from cluster.config import Operational, Options, UserError
+from cluster.config import Added, Operational, Options, UserError
 from cluster.stages import fetch
 from cluster.tracking import TrackingOptions
 
@@ -64,12 +64,29 @@ class LearnerOptions(Options):
     save_steps: float = Field(50, gt=0, description="checkpoint (reported to Ray) every this many steps (< 1: a share of the phase); at least once per phase")
     logging_steps: int = Field(10, gt=0, description="log loss every this many steps")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory (GPU presets)")
+    batching: Literal["random", "by_length"] = Added(
+        "random", description="random: batches drawn at random; by_length: rows of similar length batched together "
+        "(transformers' length-grouped sampler: random groups, sorted within), so less of each batch is padding")
+
+
+SAMPLERS = {"random": "random", "by_length": "group_by_length"}  # batching -> transformers' train_sampling_strategy
+
+
+def one_length_per_row(opts: LearnerOptions, kind: str) -> None:
+    """Length-grouped batches need one length per row; a pairwise objective's rows have several."""
+    if opts.batching == "by_length":
+        raise ValueError(f"batching by_length needs one length per row; {kind} rows have several (use random)")
 
 
 class DPOOptions(LearnerOptions):
     """A DPO phase: the learner options plus DPO's temperature."""
 
     beta: float = Field(0.1, gt=0, description="DPO temperature beta")
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        one_length_per_row(self, "DPO (prompt, chosen, rejected)")
+        return self
 
 
 class ScaleOptions(Options):
@@ -403,6 +420,7 @@ def _common_arguments(run: LearnerRun, phase: Phase, out_dir: str, sched: Schedu
         disable_tqdm=True,
         dataloader_num_workers=0,
         max_length=o.max_length,
+        train_sampling_strategy=SAMPLERS[o.batching],
         ddp_backend=None if s.use_gpu else "gloo",
         ddp_find_unused_parameters=False,
     )

@@ -95,6 +95,8 @@ def test_config_that_is_a_directory(capsys, tmp_path, name):
     ("montessori", "data.world.num_people=-1", "data.world.num_people: Input should be greater than or equal to 8"),
     ("montessori", "probes.loss_divisor=0", "probes.loss_divisor: Input should be greater than 0"),
     ("montessori", "final_size=-3", "final_size: Input should be greater than or equal to 1"),
+    ("montessori", "dpo.batching=by_length", "dpo: batching by_length needs one length per row; DPO"),
+    ("montessori", "teacher.sft.batching=shortest", "teacher.sft.batching: Input should be 'random' or 'by_length'"),
     ("montessori_grid", "warmup_epochs=[-1]", "warmup_epochs: warm-up epochs must be positive"),
     ("montessori_grid", "world_seeds=[]", "world_seeds: List should have at least 1 item"),
     ("montessori_grid", "world_seeds=zero", "world_seeds: Input should be a valid list"),

@@ -71,6 +71,7 @@ def iq_files(tmp_path):
     ("queries={d}/missing.jsonl", "does not exist"),
     ("data={source: file, file: t.jsonl}", "plants its behaviour in the synthetic world"),
     ("harm.unsafe_share=0", "harm.unsafe_share: Input should be greater than 0"),
+    ("correct.ibo.batching=by_length", "correct.ibo: batching by_length needs one length per row; IBO"),
 ])
 def test_bad_option(capsys, iq_files, override, expected):
     code, err = run_cli(capsys, "--config", TINY, override.replace("{d}", str(iq_files)), "--dry-run")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cluster import storage
-from cluster.config import Operational, Options
+from cluster.config import Added, Operational, Options
 from cluster.stages import Run, fetch, fingerprint
 
 
@@ -54,6 +54,23 @@ def test_operational_fields_decide_no_fingerprint():
     assert fingerprint("train", {"scale": Resources(timeout_s=600)}) == base
     assert fingerprint("train", {"scale": Resources(workers=2)}) != base
     assert fingerprint("train", {"scale": Resources(opts=Opts(steps=4))}) != base
+
+
+class OptsBefore(Options):
+    lr: float = 0.1
+
+
+class OptsAfter(Options):  # the same options once a field was added
+    lr: float = 0.1
+    batching: str = Added("random")
+
+
+def test_an_added_field_at_its_default_keeps_the_fingerprints_of_earlier_runs():
+    """Runs made before a field existed resume after the upgrade; setting it is another run."""
+    before = fingerprint("train", {"opts": OptsBefore()})
+    assert fingerprint("train", {"opts": OptsAfter()}) == before
+    assert fingerprint("train", {"opts": OptsAfter(batching="by_length")}) != before
+    assert fingerprint("train", {"opts": OptsAfter(lr=0.2)}) == fingerprint("train", {"opts": OptsBefore(lr=0.2)})
 
 
 def test_ensure_commits_last_and_resumes_an_unfinished_build(root):
