@@ -535,24 +535,31 @@ def approx_influence(
         o = next(n for n, p in params.items() if p is out_w)
         us0_o, c_o = lin[o]
         base_o = float((g_ref[o] * us0_o).double().sum()) - float((g_ref[o] * groups[o]["weight_decay"] * theta[o]).double().sum())
+        cg_o = (c_o * g_ref[o]).flatten()
+    # Every chunk's forward at theta + w, then every chunk's at theta - w: the weights move twice
+    # per call, not twice per chunk (same weights, so the same scores as chunk by chunk).
+    chunks = [order[s : s + chunk_size] for s in range(0, len(order), chunk_size)]
+    batches = [collate([candidates[i] for i in idx]) for idx in chunks]
+    ups, output_terms = [], []
     try:
         with torch.no_grad():
-            for s in range(0, len(order), chunk_size):
-                idx = order[s : s + chunk_size]
-                b = collate([candidates[i] for i in idx])
-                for n, p in params.items():
-                    p.add_(w[n])
+            for n, p in params.items():
+                p.add_(w[n])
+            for b in batches:
                 up, g_up = _item_losses(model, b, hybrid)
-                for n, p in params.items():
-                    p.sub_(2 * w[n])
-                down, _ = _item_losses(model, b)
-                state.restore()
-                score = lin_const + (up - down).double().cpu() / (2 * state.loss_divisor)
+                ups.append(up)
                 if hybrid:  # lr <g_ref, u(G) - u_s(0) - c G> for the output layer, exactly
                     G = g_up / state.loss_divisor
-                    lin_part = (G * (c_o * g_ref[o])).flatten(1).double().sum(1)
+                    lin_part = (G.flatten(1) @ cg_o).double()  # a float32 matvec, as in _adam_dots
                     exact = _adam_dots(G, theta[o], sts[o], groups[o], g_ref[o]).double()
-                    score += lrs[o] * (exact - base_o - lin_part).cpu()
+                    output_terms.append(lrs[o] * (exact - base_o - lin_part).cpu())
+            for n, p in params.items():
+                p.sub_(2 * w[n])
+            for k, (idx, b) in enumerate(zip(chunks, batches)):
+                down, _ = _item_losses(model, b)
+                score = lin_const + (ups[k] - down).double().cpu() / (2 * state.loss_divisor)
+                if hybrid:
+                    score += output_terms[k]
                 out[idx] = const + score
     finally:
         state.restore()
