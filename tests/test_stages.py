@@ -71,6 +71,12 @@ def test_an_added_field_at_its_default_keeps_the_fingerprints_of_earlier_runs():
     assert fingerprint("train", {"opts": OptsAfter()}) == before
     assert fingerprint("train", {"opts": OptsAfter(batching="by_length")}) != before
     assert fingerprint("train", {"opts": OptsAfter(lr=0.2)}) == fingerprint("train", {"opts": OptsBefore(lr=0.2)})
+    # the learner's own: runs made before `batching` existed keep their stages
+    from cluster.config import fingerprinted
+    from cluster.learners import LearnerOptions
+
+    assert "batching" not in fingerprinted(LearnerOptions())
+    assert fingerprinted(LearnerOptions(batching="by_length"))["batching"] == "by_length"
 
 
 def test_ensure_commits_last_and_resumes_an_unfinished_build(root):
