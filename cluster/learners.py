@@ -33,7 +33,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import Field, model_validator
 from transformers import TrainerCallback
@@ -72,21 +72,24 @@ class LearnerOptions(Options):
 SAMPLERS = {"random": "random", "by_length": "group_by_length"}  # batching -> transformers' train_sampling_strategy
 
 
-def one_length_per_row(opts: LearnerOptions, kind: str) -> None:
-    """Length-grouped batches need one length per row; a pairwise objective's rows have several."""
-    if opts.batching == "by_length":
-        raise ValueError(f"batching by_length needs one length per row; {kind} rows have several (use random)")
+class PairwiseOptions(LearnerOptions):
+    """Options of an objective whose rows hold several sequences (`ROWS` names them): they have no
+    one length, so length-grouped batches are refused at the door."""
 
-
-class DPOOptions(LearnerOptions):
-    """A DPO phase: the learner options plus DPO's temperature."""
-
-    beta: float = Field(0.1, gt=0, description="DPO temperature beta")
+    ROWS: ClassVar[str] = "pairwise"
 
     @model_validator(mode="after")
     def _one_length(self):
-        one_length_per_row(self, "DPO (prompt, chosen, rejected)")
+        if self.batching == "by_length":
+            raise ValueError(f"batching by_length needs one length per row; {self.ROWS} rows have several (use random)")
         return self
+
+
+class DPOOptions(PairwiseOptions):
+    """A DPO phase: the learner options plus DPO's temperature."""
+
+    ROWS: ClassVar[str] = "DPO (prompt, chosen, rejected)"
+    beta: float = Field(0.1, gt=0, description="DPO temperature beta")
 
 
 class ScaleOptions(Options):

@@ -536,8 +536,9 @@ def approx_influence(
         us0_o, c_o = lin[o]
         base_o = float((g_ref[o] * us0_o).double().sum()) - float((g_ref[o] * groups[o]["weight_decay"] * theta[o]).double().sum())
         cg_o = (c_o * g_ref[o]).flatten()
-    # Every chunk's forward at theta + w, then every chunk's at theta - w: the weights move twice
-    # per call, not twice per chunk (same weights, so the same scores as chunk by chunk).
+    # Every chunk's forward at theta + w, then every chunk's at theta - w: the weights move (to
+    # theta + w, to theta - w, restored) once per call, not once per chunk (the same weights, so the
+    # same scores as chunk by chunk).
     chunks = [order[s : s + chunk_size] for s in range(0, len(order), chunk_size)]
     batches = [collate([candidates[i] for i in idx]) for idx in chunks]
     ups, output_terms = [], []

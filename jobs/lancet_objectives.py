@@ -32,30 +32,29 @@ the anchor); under ZeRO-3 the anchor is prepared as TRL prepares DPO's reference
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
 from cluster.config import UserError
-from cluster.learners import LearnerOptions, TrainerInputs, one_length_per_row, register_objective
+from cluster.learners import LearnerOptions, PairwiseOptions, TrainerInputs, register_objective
 from influence.lookahead import collate
 from influence.warmup import tokenize_sft
 
 SIDES = ("chosen", "rejected", "retain")
 
 
-class IBOOptions(LearnerOptions):
+class IBOOptions(PairwiseOptions):
     """An IBO phase: the learner options plus the pairwise temperature and the proximal weight."""
+
+    ROWS: ClassVar[str] = "IBO (chosen, rejected, retain)"
 
     beta: float = Field(0.1, gt=0, description="temperature of the pairwise influence-rank term")
     gamma: float = Field(1.0, ge=0, description="weight of the Bregman proximal term on retain data (0: none)")
-
-    @model_validator(mode="after")
-    def _one_length(self):
-        one_length_per_row(self, "IBO (chosen, rejected, retain)")
-        return self
 
 
 def _collate(tokenizer, max_length: int):
